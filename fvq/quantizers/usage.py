@@ -1,0 +1,86 @@
+"""Codebook health over many batches: usage, perplexity and dead codes, reduced across ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fvq.quantizers.base import check_indices
+from fvq.quantizers.functional import perplexity_from_counts
+
+
+@dataclass
+class UsageReport:
+    """Codebook health of a whole set of indices.
+
+    Attributes:
+        usage: Fraction of codes seen at least once, in [0, 1].
+        perplexity: ``exp`` of the entropy of the code histogram (K for perfectly uniform use).
+        dead_codes: Number of codes never seen.
+        codebook_size: K.
+        num_tokens: Number of indices counted (over all ranks).
+    """
+
+    usage: float
+    perplexity: float
+    dead_codes: int
+    codebook_size: int
+    num_tokens: int
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        return {
+            f"{prefix}usage": self.usage,
+            f"{prefix}perplexity": self.perplexity,
+            f"{prefix}dead_codes": float(self.dead_codes),
+            f"{prefix}tokens": float(self.num_tokens),
+        }
+
+
+class CodebookUsage:
+    """Accumulates a code histogram over many batches (never a rolling buffer).
+
+    Usage is the fraction of the K codes seen at least once in everything passed to :meth:`update`; under
+    ``torch.distributed`` :meth:`compute` all-reduces the histogram first, so every rank reports the same figure
+    for the whole (sharded) set.
+
+    Args:
+        codebook_size: K.
+        device: Where the histogram lives (the device of the indices by default).
+    """
+
+    def __init__(self, codebook_size: int, device: torch.device | str | None = None) -> None:
+        if codebook_size < 1:
+            raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
+        self.codebook_size = codebook_size
+        self.counts = torch.zeros(codebook_size, dtype=torch.long, device=device)
+
+    def reset(self) -> None:
+        self.counts.zero_()
+
+    @torch.no_grad()
+    def update(self, indices: Tensor) -> None:
+        """Count ``indices`` (any shape, values in ``[0, K)``)."""
+        check_indices(indices, self.codebook_size)
+        idx = indices.reshape(-1).to(self.counts.device)
+        self.counts += torch.bincount(idx, minlength=self.codebook_size)
+
+    def global_counts(self) -> Tensor:
+        """The histogram summed over all ranks (a copy)."""
+        counts = self.counts.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        return counts
+
+    def compute(self) -> UsageReport:
+        counts = self.global_counts()
+        used = int((counts > 0).sum())
+        return UsageReport(
+            usage=used / self.codebook_size,
+            perplexity=perplexity_from_counts(counts),
+            dead_codes=self.codebook_size - used,
+            codebook_size=self.codebook_size,
+            num_tokens=int(counts.sum()),
+        )
