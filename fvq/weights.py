@@ -1,0 +1,77 @@
+"""Finding, verifying and caching pretrained weight files (LPIPS backbones, the FID Inception).
+
+Nothing here downloads unless asked: weights come from files that installed packages ship, from a path the user
+gives, or (for users with internet) from a URL fetched once with a pinned checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """No usable weight file was found; the message says where fvq looked and how to provide one."""
+
+
+def cache_dir() -> Path:
+    """fvq's cache folder: ``$FVQ_CACHE``, else ``$XDG_CACHE_HOME/fvq``, else ``~/.cache/fvq`` (created)."""
+    root = os.environ.get("FVQ_CACHE")
+    if root:
+        path = Path(root)
+    else:
+        path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fvq"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: str | os.PathLike, expected: str, what: str = "weight file") -> None:
+    """Raise ``ValueError`` unless the file's SHA-256 equals ``expected``."""
+    actual = sha256_file(path)
+    if actual != expected.lower():
+        raise ValueError(
+            f"{what} {path} has SHA-256 {actual}, expected {expected}: the file is corrupt or not the one fvq "
+            f"supports; delete it or pass the right file"
+        )
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def download_file(url: str, dest: str | os.PathLike, sha256: str, what: str = "weight file") -> Path:
+    """Download ``url`` to ``dest`` (atomically), verify its SHA-256, return ``dest``. Reuses a verified ``dest``."""
+    dest = Path(dest)
+    if dest.exists():
+        verify_sha256(dest, sha256, what)
+        return dest
+    with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - the user asked for this download
+        data = response.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256.lower():
+        raise ValueError(f"{what} downloaded from {url} has SHA-256 {digest}, expected {sha256}; not saved")
+    atomic_write_bytes(dest, data)
+    return dest
