@@ -63,8 +63,13 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
 
 
 def straight_through(z: Tensor, quantized: Tensor) -> Tensor:
-    """Straight-through estimator (Bengio et al., 2013): forward value ``quantized``, gradient of identity to ``z``."""
-    return z + (quantized - z).detach()
+    """Straight-through estimator (Bengio et al., 2013): forward value ``quantized``, gradient of identity to ``z``.
+
+    Written as ``sg[q] + (z - sg[z])`` rather than the usual ``z + sg[q - z]``: ``z - sg[z]`` is exactly 0, so the
+    value is bit-identical to ``quantized`` (``decode(encode(z))`` equals the forward output exactly), while the
+    gradient reaches ``z`` unchanged and nothing reaches ``quantized``.
+    """
+    return quantized.detach() + (z - z.detach())
 
 
 def code_counts(indices: Tensor, codebook_size: int) -> Tensor:
