@@ -10,6 +10,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("fvq.commands.toy", "the paper's toy experiment (Figure 2): STE vs linear projector vs VQBridge"),
     "bench": ("fvq.commands.bench", "benchmarks: nearest-code search, quantizers"),
+    "train": ("fvq.commands.train", "train a tokenizer from a YAML config (CPU, or many GPUs under torchrun)"),
 }
 
 

@@ -1,0 +1,48 @@
+"""Train a tokenizer: ``fvq train CONFIG --out DIR [--resume] [key=value ...]``.
+
+CONFIG is a YAML file or the name of a preset shipped with fvq (``fvq train --list`` shows them). Overrides use
+dotted keys, e.g. ``optim.lr=2e-4 quantizer.codebook_size=8192 max_steps=500``. For several processes launch the same
+command under ``torchrun --nproc_per_node N -m fvq train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fvq.training.config import CONFIG_DIR, load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML file or preset name (see --list)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. optim.lr=2e-4")
+    parser.add_argument("--out", help="run directory (logs, pictures, metrics.json, checkpoints/)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--list", action="store_true", help="list the shipped presets and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        for path in sorted(CONFIG_DIR.glob("*.yaml")):
+            first = path.read_text().splitlines()[0].lstrip("# ").strip() if path.read_text() else ""
+            print(f"{path.stem:24s} {first}")
+        return 0
+    if not args.config or not args.out:
+        raise ValueError("usage: fvq train CONFIG --out DIR [--resume] [key=value ...]")
+    from fvq.training.trainer import train
+
+    config = load_config(args.config, args.overrides)
+    result = train(config, args.out, resume=args.resume)
+    if result.metrics:
+        m = result.metrics
+        print(
+            f"held-out usage {m['val/usage']:.2%} ({int(m['val/tokens'])} tokens, {int(m['val/dead_codes'])} dead "
+            f"codes), perplexity {m['val/perplexity']:.1f}, PSNR {m['val/psnr']:.2f} dB"
+        )
+    print(f"run directory: {result.run_dir}")
+    print(f"  checkpoint:      {result.checkpoint}")
+    print(f"  metrics:         {result.run_dir / 'metrics.json'}")
+    print(f"  reconstructions: {result.run_dir / 'reconstructions.png'}")
+    print(f"  log:             {result.run_dir / 'log.jsonl'}")
+    if result.skipped_steps:
+        print(f"  {result.skipped_steps} steps were skipped because of a non-finite loss")
+    return 0

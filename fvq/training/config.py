@@ -1,0 +1,221 @@
+"""Experiment configuration: dataclasses, YAML presets and ``key=value`` overrides.
+
+A training run is described by one :class:`TrainConfig`. It is read from a YAML file (``configs/*.yaml``; a name
+like ``tiny_fvq`` finds the preset shipped with fvq), updated by command-line overrides such as
+``optim.lr=2e-4 quantizer.codebook_size=8192``, validated, and stored as plain data in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class LossConfig:
+    """Weights and options of the tokenizer loss (``fvq.losses.TokenizerLoss``)."""
+
+    reconstruction_loss: str = "l2"
+    reconstruction_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    perceptual_net: str = "vgg"
+    adversarial_weight: float = 0.5
+    adversarial_start: int = 20_000
+    gan_loss: str = "hinge"
+    adaptive_weight: bool = False
+    quantizer_weight: float = 1.0
+    discriminator: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """Adam for the tokenizer and for the discriminator, LR scaled by ``global_batch_size / base_batch_size``."""
+
+    lr: float = 1e-4
+    base_batch_size: int = 128
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    discriminator_lr: float | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning annealing (see :class:`fvq.training.AnnealingSchedule`), shared by generator and discriminator."""
+
+    warmup_fraction: float = 0.1
+    warmup_start: float = 0.005
+    constant_fraction: float = 0.3
+    final_factor: float = 0.01
+    decay: str = "linear"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a tokenizer training run.
+
+    Attributes:
+        model: Autoencoder config for ``Tokenizer.from_config`` (e.g. ``{"preset": "tiny_f4"}``).
+        quantizer: Quantizer config for ``fvq.quantizers.registry.build_quantizer``.
+        data: Training dataset config for ``fvq.data.build_dataset`` (split ``"train"``).
+        val_data: Held-out dataset config (split ``"val"``); ``None`` uses ``data``.
+        global_batch_size: Images per optimizer step over all ranks and accumulation steps.
+        grad_accum_steps: Micro-batches per optimizer step on each rank.
+        max_steps: Optimizer steps of the whole run (the schedule's length). ``epochs`` overrides it when set.
+        epochs: Train for this many passes over the data instead of ``max_steps``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; bf16/fp16 only on CUDA).
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        seed: Base seed; rank ``r`` uses ``seed + r`` for its own randomness.
+        num_workers: DataLoader workers per rank.
+        log_every, val_every, checkpoint_every: Intervals in optimizer steps (0 disables).
+        keep_checkpoints: How many recent checkpoints to keep.
+        max_nonfinite_steps: Stop after this many consecutive steps with a non-finite loss (each is skipped).
+        val_batch_size: Batch size per rank for validation.
+        tensorboard: Also write TensorBoard scalars (when tensorboard is installed).
+    """
+
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny_f4"})
+    quantizer: dict[str, Any] = field(
+        default_factory=lambda: {"type": "vq", "codebook_size": 4096, "codebook_dim": 256}
+    )
+    data: dict[str, Any] = field(default_factory=lambda: {"type": "embedded", "image_size": 32})
+    val_data: dict[str, Any] | None = None
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    global_batch_size: int = 128
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    epochs: float | None = None
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    val_every: int = 500
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 5
+    val_batch_size: int = 64
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        if self.global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.max_steps < 1 and self.epochs is None:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        for name in ("model", "quantizer", "data"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a mapping, got {type(getattr(self, name)).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (dicts, lists, numbers, strings): what checkpoints and ``config.yaml`` store."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data, path="")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {path or '<root>'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f" in section '{path}'" if path else ""
+        raise ValueError(f"unknown config key(s) {unknown}{where}; valid keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _SECTIONS.get(name) if not path else None
+        if sub is not None:
+            kwargs[name] = _from_dict(sub, value or {}, path=name)
+        elif name == "betas":
+            if not (isinstance(value, (list, tuple)) and len(value) == 2):
+                raise ValueError(f"optim.betas must be a pair like [0.9, 0.95], got {value!r}")
+            kwargs[name] = tuple(float(v) for v in value)
+        else:
+            kwargs[name] = copy.deepcopy(value)
+    return cls(**kwargs)
+
+
+_SECTIONS: dict[str, type] = {"loss": LossConfig, "optim": OptimConfig, "schedule": ScheduleConfig}
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A YAML path as given, or the name of a preset shipped in ``fvq/configs`` (with or without ``.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / f"{name_or_path}.yaml", CONFIG_DIR / str(name_or_path)):
+        if candidate.is_file():
+            return candidate
+    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"config {str(name_or_path)!r} is neither a file nor a preset; presets: {presets}")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["optim.lr=2e-4", "quantizer.projector.type=linear"]`` -> nested dict; values parsed as YAML scalars."""
+    result: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. optim.lr=2e-4)")
+        key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ValueError(f"override {item!r} has an empty key part")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} conflicts with another override of {part!r}")
+        node[parts[-1]] = value
+    return result
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict update (returns a new dict); ``null`` in ``update`` replaces, mappings merge."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML preset or file, apply ``key=value`` overrides, validate, return a :class:`TrainConfig`."""
+    path = resolve_config_path(name_or_path)
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a YAML mapping at the top level, got {type(data).__name__}")
+    data = merge(data, parse_overrides(overrides or []))
+    config = TrainConfig.from_dict(data)
+    config.validate()
+    return config
