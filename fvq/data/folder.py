@@ -3,7 +3,8 @@
 The file list is sorted and therefore the same on every machine and rank. Hidden files and folders (names starting
 with ``.``, such as macOS ``._photo.jpg`` resource forks) are ignored. Bad files follow the shared
 :class:`~fvq.data.images.BadFilePolicy`: each is logged and counted, the sample is replaced by the next readable file
-(so batches stay full), and training stops once more than ``max_bad_fraction`` of the files read are bad.
+(so batches stay full), and training stops once more than ``max_bad_fraction`` of the files read are bad. Each
+index counts once per read (seen, and bad or converted); replacement reads are not counted again.
 """
 
 from __future__ import annotations
@@ -183,15 +184,19 @@ class ImageFolder(Dataset):
         if not 0 <= index < len(self.paths):
             raise IndexError(f"index {index} out of range for a dataset of {len(self.paths)} images")
         rng = sample_rng(self.seed, self.epoch, index)
+        # Only the file at ``index`` is counted (seen / bad / converted), so the counters describe the dataset's
+        # files once per epoch; replacements are counted when their own index comes up.
         for attempt in range(self.max_retries + 1):
             candidate = (index + attempt) % len(self.paths)
             path = self.paths[candidate]
             try:
                 decoded = decode_image(path, alpha=self.alpha)
             except BadImageError as error:
-                self.bad_files.record_bad(path, error)
+                if attempt == 0:
+                    self.bad_files.record_bad(path, error)
                 continue
-            self.bad_files.record_ok(converted=decoded.converted)
+            if attempt == 0:
+                self.bad_files.record_ok(converted=decoded.converted)
             image = self.transform(decoded.image, rng)
             return make_sample(to_tensor(image), self.labels[candidate])  # image: (3, S, S)
         raise TooManyBadFilesError(
