@@ -304,7 +304,8 @@ class BadFilePolicy:
         self._counts[row, 1] += 1
         if self._logged < self.max_logged:
             self._logged += 1
-            logger.warning("skipping bad image file %s: %s", where, error)
+            message = str(error)
+            logger.warning("skipping bad image file: %s", message if where in message else f"{where}: {message}")
             if self._logged == self.max_logged:
                 logger.warning("further bad files in %s are counted but not logged", self.description)
         self.check()
