@@ -226,6 +226,9 @@ class Tokenizer(nn.Module):
             ``(B, 3, h * f, w * f)`` reconstructions (not clamped).
         """
         self._check_latents(latents)
+        # One memory layout whatever the quantizer returned: convolution kernels differ per layout in the last bits,
+        # and decode(encode(x)) must equal forward(x).reconstruction exactly.
+        latents = latents.contiguous()  # (B, D, h, w)
         h = self.post_quant_conv(latents)  # (B, z_channels, h, w)
         return self.decoder(h)  # (B, 3, h * f, w * f)
 

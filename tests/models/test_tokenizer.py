@@ -9,33 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 import fvq
-from fvq.models import tokenizer as tokenizer_module
 from fvq.models.presets import build_autoencoder
 from fvq.models.tokenizer import Tokenizer, TokenizerOutput
-from fvq.quantizers import VectorQuantizer, VQBridge
+from fvq.quantizers import VectorQuantizer
 
 BRIDGE = {"type": "vq_bridge", "group_size": 4, "hidden_dim": 32, "num_heads": 2, "expand_init": "xavier"}
-
-
-def _fallback_build_quantizer(config: dict) -> VectorQuantizer:
-    """Stand-in for fvq.quantizers.registry.build_quantizer (VQ and VQBridge only) while it is not available."""
-    cfg = dict(config)
-    if cfg.pop("type") != "vq":
-        raise ValueError(config)
-    projector = cfg.pop("projector", None)
-    if projector is not None:
-        projector = dict(projector)
-        assert projector.pop("type") == "vq_bridge"
-        projector = VQBridge(cfg["codebook_size"], cfg["codebook_dim"], **projector)
-    return VectorQuantizer(cfg.pop("codebook_size"), cfg.pop("codebook_dim"), projector=projector, **cfg)
-
-
-@pytest.fixture(autouse=True)
-def _registry(monkeypatch):
-    try:
-        import fvq.quantizers.registry  # noqa: F401
-    except ImportError:
-        monkeypatch.setattr(tokenizer_module, "_build_quantizer", _fallback_build_quantizer)
 
 
 def _config(preset: str = "tiny_f4", bridge: bool = False, size: int = 64, dim: int = 16) -> dict:
@@ -77,6 +55,35 @@ def test_decode_of_encode_equals_forward_in_eval():
         assert torch.equal(tok.decode(indices), out.reconstruction)
         latents = tok.encode_latents(x)
         assert torch.equal(tok.decode_latents(tok.quantizer.decode(tok.quantizer.encode(latents))), out.reconstruction)
+
+
+@pytest.mark.parametrize(
+    "quantizer",
+    [
+        {
+            "type": "residual",
+            "num_quantizers": 2,
+            "shared_codebook": True,
+            "quantizer": {"type": "vq", "codebook_size": 64, "codebook_dim": 16, "projector": BRIDGE},
+        },
+        {"type": "grouped", "num_groups": 2, "codebook_dim": 16, "quantizer": {"type": "vq", "codebook_size": 32}},
+        {"type": "fsq", "levels": [8, 5, 5]},
+    ],
+    ids=["residual_bridge", "grouped", "fsq"],
+)
+def test_other_quantizers_round_trip_and_export(quantizer):
+    torch.manual_seed(0)
+    tok = Tokenizer.from_config({"model": {"preset": "tiny_f4"}, "quantizer": quantizer}).eval()
+    x = _images()
+    with torch.no_grad():
+        out = tok(x)
+        indices = tok.encode(x)
+        assert indices.shape[:3] == (2, 4, 4) and torch.equal(indices, out.indices)
+        assert torch.equal(tok.decode(indices), out.reconstruction)
+        exported = tok.export()
+        assert "projector" not in json.dumps(exported.config["quantizer"])
+        assert torch.equal(exported.encode(x), indices)
+        torch.testing.assert_close(exported.decode(indices), out.reconstruction, rtol=0, atol=1e-6)
 
 
 def test_every_parameter_gets_a_gradient():
