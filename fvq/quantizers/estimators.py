@@ -128,7 +128,7 @@ def rotation_trick(z: Tensor, quantized: Tensor, eps: float = 1e-6) -> Tensor:
         q_norm = quantized.norm(dim=-1, keepdim=True)  # (N, 1)
         e_hat = z / e_norm.clamp_min(eps)  # (N, D)
         q_hat = quantized / q_norm.clamp_min(eps)  # (N, D)
-        r = F.normalize(e_hat + q_hat, dim=-1, eps=eps)  # (N, D); 0 when q^ = -e^, and then R e = -e as required
+        r = F.normalize(e_hat + q_hat, dim=-1, eps=eps)  # (N, D); 0 when q^ = -e^: R = I - 2 e^ e^T
         scale = q_norm / e_norm.clamp_min(eps)  # (N, 1) lambda
         degenerate = e_norm < eps  # (N, 1)
     # lambda (e - 2 r (r.e) + 2 q^ (e^.e)), with r, q^, e^, lambda constants
