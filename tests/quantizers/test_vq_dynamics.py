@@ -231,3 +231,58 @@ def test_eval_mode_changes_nothing_and_stays_an_exact_inverse():
 def test_incompatible_or_unknown_options_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         VectorQuantizer(4, 2, **kwargs)
+
+
+OPTION_CONFIGS = {
+    "ema": {"codebook_update": "ema"},
+    "ema-kmeans-restart": {
+        "codebook_update": "ema",
+        "kmeans_init": True,
+        "restart_strategy": "random",
+        "restart_every": 1,
+    },
+    "kmeans-split": {"kmeans_init": True, "restart_strategy": "split", "restart_every": 1},
+    "highest-error-cosine": {"distance": "cosine", "restart_strategy": "highest_error", "restart_every": 1},
+    "rotation": {"estimator": "rotation"},
+    "ibq-entropy": {"estimator": "ibq", "entropy_weight": 0.1, "temperature": 0.5},
+    "gumbel-anneal": {
+        "estimator": "gumbel",
+        "temperature": 2.0,
+        "temperature_final": 0.5,
+        "temperature_anneal_steps": 4,
+    },
+    "soft-geometry": {
+        "estimator": "soft",
+        "orthogonality_weight": 0.1,
+        "variance_weight": 0.1,
+        "covariance_weight": 0.1,
+    },
+}
+
+
+@pytest.mark.parametrize("options", list(OPTION_CONFIGS.values()), ids=list(OPTION_CONFIGS))
+def test_options_keep_the_quantizer_contract(options):
+    from fvq.quantizers.registry import build_quantizer
+
+    torch.manual_seed(0)
+    config = {"type": "vq", "codebook_size": 16, "codebook_dim": 4, "init": "normal", "init_scale": 1.0, **options}
+    q = build_quantizer(config)
+    for step in range(3):  # a few training steps: init, restarts, EMA, schedules all run
+        q.set_step(step)
+        z = torch.randn(2, 4, 3, 3, requires_grad=True)
+        out = q.train()(z)
+        ((out.quantized * torch.randn_like(out.quantized)).sum() + out.loss).backward()
+        assert z.grad.abs().sum() > 0 and torch.isfinite(z.grad).all()
+        for name, p in q.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert all(torch.isfinite(v) for v in (out.loss, *out.losses.values(), *out.metrics.values()))
+    q.eval()
+    z = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        ref = q(z)
+        assert torch.equal(q.decode(q.encode(z)), ref.quantized)
+        assert torch.equal(q.export().eval()(z).quantized, ref.quantized)
+        torch.manual_seed(1)
+        twin = build_quantizer(config).eval()
+        twin.load_state_dict(q.state_dict())
+        assert torch.equal(twin(z).quantized, ref.quantized)
