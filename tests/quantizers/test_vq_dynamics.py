@@ -111,6 +111,14 @@ def test_kmeans_pools_several_batches_before_running():
         assert bool(q.initted) == (i == 2)
 
 
+def test_kmeans_on_a_random_subset_of_the_pool():
+    torch.manual_seed(0)
+    q = VectorQuantizer(8, 4, kmeans_init=True, kmeans_max_samples=64)
+    z = _blobs()  # 320 latents, 64 used
+    q.train()(z)
+    assert bool(q.initted) and _error(q, z) < 0.05
+
+
 def test_kmeans_with_ema_sets_statistics_to_the_centroids():
     q = VectorQuantizer(8, 4, kmeans_init=True, codebook_update="ema", ema_decay=0.0)
     z = _blobs()
