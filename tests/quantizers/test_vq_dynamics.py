@@ -120,6 +120,7 @@ def test_kmeans_on_a_random_subset_of_the_pool():
 
 
 def test_kmeans_with_ema_sets_statistics_to_the_centroids():
+    torch.manual_seed(0)
     q = VectorQuantizer(8, 4, kmeans_init=True, codebook_update="ema", ema_decay=0.0)
     z = _blobs()
     q.train()(z)
