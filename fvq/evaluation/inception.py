@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -265,7 +266,10 @@ def load_inception(
         An eval-mode :class:`FIDInception` on ``device``.
     """
     file, digest = resolve_inception_path(path, sha256=sha256, download=download, url=url)
-    network = torch.jit.load(str(file), map_location=device)
+    with warnings.catch_warnings():
+        # torch >= 2.10 flags TorchScript as deprecated; the file is TorchScript and loads unchanged
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=DeprecationWarning)
+        network = torch.jit.load(str(file), map_location=device)
     return FIDInception(network, digest)
 
 
@@ -284,7 +288,7 @@ def extract_features(
     Args:
         inception: The loaded network.
         images: ``(N, 3, H, W)`` tensor (split into batches of ``batch_size``), or an iterable of ``(B, 3, H, W)``
-            batches (a data loader yielding image tensors).
+            batches (a data loader yielding image tensors, or ``(images, labels)`` pairs whose first item is used).
         value_range: ``(low, high)`` of floating inputs.
         batch_size: Batch size when ``images`` is one tensor.
         progress: Show a tqdm bar.
@@ -304,6 +308,8 @@ def extract_features(
     out: list[Tensor] = []
     with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
         for batch in batches:
+            if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+                batch = batch[0]  # (images, labels) from a data loader
             if not isinstance(batch, Tensor):
                 raise TypeError(f"expected batches of image tensors, got {type(batch).__name__}")
             out.append(inception(batch, value_range=value_range).cpu())

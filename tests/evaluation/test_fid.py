@@ -349,6 +349,8 @@ def test_fid_of_real_photos_fast(inception):
     assert different > 10.0
     # batching does not change the features (an iterable of batches of other sizes)
     assert torch.allclose(extract_features(inception, list(a[:4].split(3)), progress=False), fa[:4], atol=1e-5)
+    pairs = [(a[4:6], torch.zeros(2))]  # (images, labels) batches as a data loader yields them
+    assert torch.allclose(extract_features(inception, pairs, progress=False), fa[4:6], atol=1e-5)
 
 
 @pytest.mark.slow
