@@ -1,4 +1,4 @@
-"""The ``fvq`` command. Each subcommand lives in ``fvq/commands/<name>.py`` with ``add_arguments`` and ``run``."""
+"""The ``fvq`` command. Each subcommand lives in a module with ``add_arguments(parser)`` and ``run(args) -> int``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help). Modules are imported only when their command runs.
+# name -> (module, one-line help). A module is imported only when its command is used.
 COMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("fvq.commands.toy", "the paper's toy experiment (Figure 2): STE vs linear projector vs VQBridge"),
     "bench": ("fvq.commands.bench", "benchmarks: nearest-code search, quantizers"),
@@ -14,23 +14,36 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; the subcommand ``command`` (if given) gets its full arguments."""
     from fvq import __version__
 
     parser = argparse.ArgumentParser(prog="fvq", description="Discrete image tokenizers with fully used codebooks.")
     parser.add_argument("--version", action="version", version=f"fvq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
+        doc = (module.__doc__ or help_text).strip()
+        p = sub.add_parser(name, help=help_text, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args, extras = parser.parse_known_args(argv)
+    # ``key=value`` overrides may stand anywhere after the command (argparse cannot interleave them with options)
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides or []) + [e for e in extras if "=" in e and not e.startswith("-")]
+        extras = [e for e in extras if not ("=" in e and not e.startswith("-"))]
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if args.command is None:
         parser.print_help()
         return 2

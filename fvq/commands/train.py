@@ -17,6 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. optim.lr=2e-4")
     parser.add_argument("--out", help="run directory (logs, pictures, metrics.json, checkpoints/)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEPS",
+        help="stop after this many optimizer steps in this invocation (a checkpoint is written; continue with "
+        "--resume), e.g. for time-limited jobs",
+    )
     parser.add_argument("--list", action="store_true", help="list the shipped presets and exit")
 
 
@@ -31,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from fvq.training.trainer import train
 
     config = load_config(args.config, args.overrides)
-    result = train(config, args.out, resume=args.resume)
+    result = train(config, args.out, resume=args.resume, max_steps=args.stop_after)
+    if not result.is_main:
+        return 0
     if result.metrics:
         m = result.metrics
         print(

@@ -158,8 +158,37 @@ def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
                 raise ValueError(f"optim.betas must be a pair like [0.9, 0.95], got {value!r}")
             kwargs[name] = tuple(float(v) for v in value)
         else:
-            kwargs[name] = copy.deepcopy(value)
+            kwargs[name] = _coerce(value, fields[name].type, f"{path}.{name}" if path else name)
     return cls(**kwargs)
+
+
+def _coerce(value: Any, annotation: str, key: str) -> Any:
+    """Check scalar config values against the field's annotation; numeric strings such as ``1e-4`` (which YAML 1.1
+    reads as a string) become numbers."""
+    kinds = [part.strip() for part in str(annotation).split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ValueError(f"config key {key} must not be null")
+    if "float" in kinds and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"config key {key} must be a number, got {value!r}") from None
+    if "int" in kinds:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"config key {key} must be an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ValueError(f"config key {key} must be an integer, got {value!r}")
+        return int(value)
+    if "bool" in kinds and not isinstance(value, bool):
+        raise ValueError(f"config key {key} must be true or false, got {value!r}")
+    if "str" in kinds and not isinstance(value, str):
+        raise ValueError(f"config key {key} must be a string, got {value!r}")
+    return copy.deepcopy(value)
 
 
 _SECTIONS: dict[str, type] = {"loss": LossConfig, "optim": OptimConfig, "schedule": ScheduleConfig}

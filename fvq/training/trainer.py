@@ -53,6 +53,7 @@ class TrainResult:
         checkpoint: Path of the last checkpoint written.
         metrics: Latest validation figures (``val/usage``, ``val/perplexity``, ``val/psnr``, ...).
         skipped_steps: Steps skipped because of a non-finite loss.
+        is_main: Whether this process is rank 0 (the one that reports).
     """
 
     run_dir: Path
@@ -60,6 +61,7 @@ class TrainResult:
     checkpoint: Path | None
     metrics: dict[str, float]
     skipped_steps: int
+    is_main: bool = True
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -213,6 +215,9 @@ class Trainer:
         """
         cfg = self.config
         lr_factor = self._set_lr(step)
+        for module in self.tokenizer.modules():  # step-dependent quantizer schedules (e.g. Gumbel temperature)
+            if module is not self.tokenizer and callable(getattr(module, "set_step", None)):
+                module.set_step(step)
         accum = len(micro_batches)
         self.model.train()
         self.loss.train()
@@ -299,7 +304,9 @@ class Trainer:
             torch.distributed.all_reduce(psnr_sum)
             torch.distributed.all_reduce(count)
         report = usage.compute()
+        in_sync = self.replicas_in_sync()
         metrics = {
+            "val/replicas_in_sync": float(in_sync),
             "val/usage": report.usage,
             "val/perplexity": report.perplexity,
             "val/dead_codes": float(report.dead_codes),
@@ -324,6 +331,19 @@ class Trainer:
             usage.global_counts()  # keep collective calls matched across ranks
         model.train(was_training)
         return metrics
+
+    @torch.no_grad()
+    def replicas_in_sync(self) -> bool:
+        """True when every rank holds bit-identical tokenizer weights and buffers (codebooks included).
+
+        Compares per-tensor fingerprints (float64 sum and sum of squares) gathered from all ranks.
+        """
+        state = self.tokenizer.state_dict()
+        prints = torch.stack(
+            [torch.stack([t.double().sum(), t.double().square().sum()]) for t in state.values() if t.numel()]
+        ).cpu()
+        gathered = all_gather_objects(prints)
+        return all(torch.equal(gathered[0], other) for other in gathered[1:])
 
     # ----------------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -453,6 +473,7 @@ class Trainer:
             checkpoint=self.last_checkpoint,
             metrics=self.val_metrics,
             skipped_steps=self.skipped_steps,
+            is_main=self.ctx.is_main,
         )
 
 
