@@ -61,7 +61,7 @@ def report_skipped(skipped: list[str], total: int) -> None:
         )
 
 
-def run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     from fvq.tokenize import collect_images, encode_images, load_model, save_tokens
 
     out = Path(args.out)
@@ -94,3 +94,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"model {model.identity}" + (" (exported on the fly)" if model.exported_on_the_fly else ""))
     print(f"wrote {out}")
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from fvq.data.images import TooManyBadFilesError
+
+    try:
+        return _run(args)
+    except TooManyBadFilesError as error:
+        raise ValueError(f"{error} (here: --max-bad-fraction)") from error

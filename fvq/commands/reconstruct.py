@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
-def run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     from fvq.data.images import BadFilePolicy
@@ -116,3 +116,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"reconstructed {len(kept)} images ({image_size}x{image_size}, {protocol} crop): mean PSNR {mean}")
     print(f"wrote {len(kept)} PNGs to {out} and the grid {grid}")
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from fvq.data.images import TooManyBadFilesError
+
+    try:
+        return _run(args)
+    except TooManyBadFilesError as error:
+        raise ValueError(f"{error} (here: --max-bad-fraction)") from error
