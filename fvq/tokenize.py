@@ -453,8 +453,12 @@ def export_model(
         provenance = _training_provenance(checkpoint)
         source_bytes = checkpoint.stat().st_size
         trained = load_tokenizer(checkpoint, map_location=device)
-    if out_dir.resolve() == (checkpoint if checkpoint.is_dir() else checkpoint.parent).resolve():
-        raise ValueError(f"--out {out_dir} is the folder being exported; choose another folder")
+    # Writing config.json into a run folder would make it look like an exported model to every loader.
+    protected = {source.resolve(), checkpoint.resolve() if checkpoint.is_dir() else checkpoint.parent.resolve()}
+    if checkpoint.is_file() and checkpoint.parent.name == "checkpoints":
+        protected.add(checkpoint.parent.parent.resolve())
+    if out_dir.resolve() in protected:
+        raise ValueError(f"--out {out_dir} is the run or folder being exported; choose another folder")
     exported = _export_with_provenance(trained, provenance)
     exported.save_pretrained(out_dir)
     written = [out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME]
@@ -632,15 +636,18 @@ def load_tokens(path: str | os.PathLike) -> TokenFile:
             f"token file {path}: indices have shape {tuple(indices.shape)} but the metadata says {tuple(expected)} "
             f"(num_images, grid_height, grid_width{', codes_per_position' if codes > 1 else ''})"
         )
-    optional_int = {k: _meta_int(metadata, k, path) if k in metadata else None for k in ("image_size",)}
+
+    def optional_int(key: str) -> int | None:
+        return _meta_int(metadata, key, path) if key in metadata else None
+
     return TokenFile(
         indices=indices,
         codebook_size=_meta_int(metadata, "codebook_size", path),
         model_identity=metadata.get("model_identity", ""),
         sources=json.loads(metadata.get("sources", "[]")),
-        image_size=optional_int["image_size"],
+        image_size=optional_int("image_size"),
         protocol=metadata.get("protocol"),
-        downsample_factor=_meta_int(metadata, "downsample_factor", path) if "downsample_factor" in metadata else None,
+        downsample_factor=optional_int("downsample_factor"),
         skipped=json.loads(metadata.get("skipped", "[]")),
         model_weights_sha256=metadata.get("model_weights_sha256"),
         model_config_sha256=metadata.get("model_config_sha256"),

@@ -92,6 +92,8 @@ def test_export_refuses_a_non_empty_folder(run, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err and not (out / "model.safetensors").exists()
     assert main(["export", str(run / "checkpoints" / "step_00000002.pt"), "--out", str(out), "--force"]) == 0
     assert (out / "keep.txt").read_text() == "mine" and (out / "model.safetensors").is_file()
+    assert main(["export", str(run), "--out", str(run), "--force"]) == 2  # would turn the run into an "export"
+    assert "being exported" in capsys.readouterr().err and not (run / "config.json").exists()
     assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "no model, run folder or checkpoint" in capsys.readouterr().err
 
