@@ -18,14 +18,18 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from fvq.training.checkpoint import list_checkpoints
+from fvq.training.checkpoint import CHECKPOINT_PATTERN, list_checkpoints
 from fvq.training.logging import read_log
 
+if TYPE_CHECKING:
+    import torch
+
 RUN_FILES = ("config.yaml", "log.jsonl", "metrics.json")
+FIGURE_FILES = ("training_curves.png", "usage.png", "code_frequencies.png", "reconstructions.png")
 
 # label, format kind and a one-line explanation of each validation figure written by ``Trainer.validate``
 _VAL_ROWS: dict[str, tuple[str, str, str]] = {
@@ -62,7 +66,7 @@ class RunContents:
     config_text: str | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] | None = None
-    code_counts: Any = None
+    code_counts: torch.Tensor | None = None
     reconstructions: Path | None = None
     eval_metrics: dict[str, Any] | None = None
     eval_markdown: str | None = None
@@ -88,35 +92,38 @@ class RunContents:
 
 
 def _checkpoint_step(path: Path) -> int | None:
-    match = re.fullmatch(r"step_(\d+)\.pt", path.name)
+    match = CHECKPOINT_PATTERN.match(path.name)
     return int(match.group(1)) if match else None
 
 
 def _read_records(path: Path, notes: list[str]) -> list[dict[str, Any]]:
     """``log.jsonl`` records; a run still being written may end in a partial line, which is skipped with a note."""
     try:
-        return read_log(path)
+        return [r for r in read_log(path) if isinstance(r, dict)]
     except json.JSONDecodeError:
         records, bad = [], 0
         for line in path.read_text().splitlines():
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 bad += 1
+                continue
+            if isinstance(record, dict):
+                records.append(record)
         notes.append(f"log.jsonl: skipped {bad} unreadable line(s)")
         return records
 
 
-def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
+def _read_json(path: Path, notes: list[str], name: str) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        notes.append(f"{path.name}: could not be read ({err})")
+        notes.append(f"{name}: could not be read ({err})")
         return None
     if not isinstance(data, dict):
-        notes.append(f"{path.name}: expected a JSON object, found {type(data).__name__}")
+        notes.append(f"{name}: expected a JSON object, found {type(data).__name__}")
         return None
     return data
 
@@ -159,7 +166,7 @@ def load_run(run_dir: str | Path) -> RunContents:
     if (run_dir / "log.jsonl").is_file():
         run.records = _read_records(run_dir / "log.jsonl", notes)
     if (run_dir / "metrics.json").is_file():
-        run.metrics = _read_json(run_dir / "metrics.json", notes)
+        run.metrics = _read_json(run_dir / "metrics.json", notes, "metrics.json")
     counts_path = run_dir / "val_code_counts.pt"
     if counts_path.is_file():
         import torch
@@ -177,7 +184,7 @@ def load_run(run_dir: str | Path) -> RunContents:
     if (run_dir / "reconstructions.png").is_file():
         run.reconstructions = run_dir / "reconstructions.png"
     if (run_dir / "eval" / "metrics.json").is_file():
-        run.eval_metrics = _read_json(run_dir / "eval" / "metrics.json", notes)
+        run.eval_metrics = _read_json(run_dir / "eval" / "metrics.json", notes, "eval/metrics.json")
     if (run_dir / "eval" / "metrics.md").is_file():
         run.eval_markdown = (run_dir / "eval" / "metrics.md").read_text()
     if (run_dir / "checkpoints").is_dir():
@@ -601,9 +608,12 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig_dir.mkdir(parents=True, exist_ok=True)
     k = run.codebook_size
 
+    written: set[str] = set()
+
     def png(fig: Any, name: str) -> bytes:
         data = plots.figure_png(fig, fig_dir / name)
         fig.clear()
+        written.add(name)
         return data
 
     has_train = any("train/loss" in r or "train/lr" in r for r in run.records)
@@ -659,6 +669,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if run.reconstructions is not None:
         grid = run.reconstructions.read_bytes()
         (fig_dir / "reconstructions.png").write_bytes(grid)
+        written.add("reconstructions.png")
         recon = _figure(
             grid,
             "held-out originals and reconstructions",
@@ -719,4 +730,6 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 </html>
 """
     out.write_text(page, encoding="utf-8")
+    for name in set(FIGURE_FILES) - written:  # a figure of an earlier build whose data is gone now
+        (fig_dir / name).unlink(missing_ok=True)
     return out

@@ -228,6 +228,7 @@ def test_report_of_an_unknown_eval_layout(tiny_run, tmp_path):
 
 def test_report_before_the_first_validation(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path / "run")
+    assert len(list(build_report(run).parent.glob("*.png"))) == 4  # an earlier build, with every figure
     for name in ("metrics.json", "val_code_counts.pt", "reconstructions.png"):
         (run / name).unlink()
     shutil.rmtree(run / "checkpoints")
@@ -243,6 +244,7 @@ def test_report_before_the_first_validation(tiny_run, tmp_path):
     assert len(page.images) == 2  # training curves and batch usage only
     for img in page.images:
         assert_valid_png(decode_data_uri(img["src"]))
+    # the figures whose data is gone are removed, not left stale next to the page
     assert sorted(p.name for p in out.parent.glob("*.png")) == ["training_curves.png", "usage.png"]
 
 
