@@ -35,17 +35,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):
         raise ValueError(f"{out} is not an empty folder; choose an empty or new folder, or pass --force")
-    try:
-        tokenizer = import_llamagen_checkpoint(
-            args.checkpoint,
-            out,
-            source=args.source,
-            state_dict_key=args.state_dict_key,
-            norm_groups=args.norm_groups,
-            commitment_weight=args.commitment_weight,
-        )
-    except KeyError as error:  # a missing --state-dict-key entry
-        raise ValueError(error.args[0] if error.args else str(error)) from error
+    tokenizer = import_llamagen_checkpoint(
+        args.checkpoint,
+        out,
+        source=args.source,
+        state_dict_key=args.state_dict_key,
+        norm_groups=args.norm_groups,
+        commitment_weight=args.commitment_weight,
+    )
     info = tokenizer.config["imported_from"]
     h, w = tokenizer.latent_shape(256, 256)
     print(f"imported {args.checkpoint} (entry {info['state_dict_key'] or '(bare state dict)'})")

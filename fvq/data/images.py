@@ -69,7 +69,7 @@ class BadImageError(ValueError):
     """A file could not be decoded as an image (unreadable, truncated, empty, or not an image)."""
 
 
-class TooManyBadFilesError(RuntimeError):
+class TooManyBadFilesError(ValueError):
     """More than the allowed fraction of the files read were bad; training must not go on silently."""
 
 

@@ -93,7 +93,7 @@ def load_llamagen_state_dict(
     args = checkpoint.get("args")
     if state_dict_key is not None:
         if state_dict_key not in checkpoint:
-            raise KeyError(f"{path} has no entry {state_dict_key!r}; it has {sorted(map(str, checkpoint))}")
+            raise ValueError(f"{path} has no entry {state_dict_key!r}; it has {sorted(map(str, checkpoint))}")
         state, key = checkpoint[state_dict_key], state_dict_key
     elif any(isinstance(k, str) and k.startswith(("encoder.", "module.encoder.")) for k in checkpoint):
         state, key = checkpoint, None

@@ -53,13 +53,10 @@ def _build_quantizer(config: dict[str, Any]) -> Quantizer:
     return build_quantizer(copy.deepcopy(config))
 
 
-def _strip_projector(config: Any) -> Any:
-    """A copy of a quantizer config with every ``"projector"`` entry removed (nested configs included)."""
-    if isinstance(config, dict):
-        return {k: _strip_projector(v) for k, v in config.items() if k != "projector"}
-    if isinstance(config, list):
-        return [_strip_projector(v) for v in config]
-    return copy.deepcopy(config)
+def export_config(config: dict[str, Any]) -> dict[str, Any]:
+    from fvq.quantizers.registry import export_config as _export_config
+
+    return _export_config(config)
 
 
 def _state_signature(module: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -285,15 +282,15 @@ class Tokenizer(nn.Module):
         """A copy for inference with the quantizer's training-only parts folded away (``quantizer.export()``).
 
         For a VQBridge quantizer the mapped codebook ``f(C)`` becomes a plain codebook: indices and reconstructions
-        are identical and the bridge and raw codebook are gone. The config loses its ``projector`` entries and
-        records the original quantizer config under ``exported_from``.
+        are identical and the bridge and raw codebook are gone. The config keeps only what the exported quantizer
+        needs (no ``projector``, no training-only options) and records the original config under ``exported_from``.
         """
         quantizer = self.quantizer.export()
         config = None
         if self.config is not None:
             config = copy.deepcopy(self.config)
             original = config["quantizer"]
-            config["quantizer"] = _strip_projector(original)
+            config["quantizer"] = export_config(original)
             config.setdefault("exported_from", {"quantizer": original})
             rebuilt = _state_signature(_build_quantizer(config["quantizer"]))
             if rebuilt != _state_signature(quantizer):

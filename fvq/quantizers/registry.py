@@ -17,6 +17,7 @@ its class to :data:`QUANTIZERS` (and a tiny config to the contract test, which f
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -210,3 +211,23 @@ def build_quantizer(config: Mapping[str, Any]) -> Quantizer:
             raise ValueError(f"quantizer {name!r} with a projector needs keys {missing}")
         kwargs["projector"] = build_projector(kwargs["projector"], kwargs["codebook_size"], kwargs["codebook_dim"])
     return _construct(cls, name, "quantizer", kwargs)
+
+
+def export_config(config: Any) -> Any:
+    """The config of ``build_quantizer(config).export()``: what an exported model records.
+
+    Walks the config (containers included); for a quantizer class with ``INFERENCE_KEYS`` only those keys (and
+    ``type``) are kept, and every ``projector`` entry is dropped, since ``export()`` folds projectors into the codebook.
+    """
+    if isinstance(config, Mapping):
+        cls = QUANTIZERS.get(config.get("type")) if isinstance(config.get("type"), str) else None
+        keep = getattr(cls, "INFERENCE_KEYS", None)
+        out = {}
+        for key, value in config.items():
+            if key == "projector" or (keep is not None and key != "type" and key not in keep):
+                continue
+            out[key] = export_config(value)
+        return out
+    if isinstance(config, (list, tuple)):
+        return [export_config(v) for v in config]
+    return copy.deepcopy(config)

@@ -121,6 +121,17 @@ class VectorQuantizer(Quantizer):
         covariance_weight: Weight of the VICReg covariance term on the codebook (0: not computed).
     """
 
+    # The config keys that :meth:`export` keeps: everything else (projector, EMA, k-means, restarts, estimators,
+    # auxiliary objectives) is training-only and folded away.
+    INFERENCE_KEYS = (
+        "codebook_size",
+        "codebook_dim",
+        "commitment_weight",
+        "codebook_weight",
+        "distance",
+        "max_chunk_bytes",
+    )
+
     def __init__(
         self,
         codebook_size: int,

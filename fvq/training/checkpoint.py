@@ -53,6 +53,7 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
     os.close(fd)
     try:
         torch.save(state, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, final)
     finally:
         if os.path.exists(tmp):

@@ -169,7 +169,7 @@ def test_state_dict_selection(tmp_path):
     assert key == "model" and torch.equal(loaded["quantize.embedding.weight"], state["quantize.embedding.weight"])
     torch.save(state, tmp_path / "bare.pt")
     assert load_llamagen_state_dict(tmp_path / "bare.pt")[1] is None
-    with pytest.raises(KeyError, match="no entry 'generator'"):
+    with pytest.raises(ValueError, match="no entry 'generator'"):
         load_llamagen_state_dict(tmp_path / "both.pt", "generator")
     torch.save({"weights": state}, tmp_path / "odd.pt")
     with pytest.raises(ValueError, match="neither a state dict nor"):
