@@ -199,3 +199,29 @@ def test_clear_errors(tmp_path):
     (path / "config.json").write_text(json.dumps({**config, "format_version": 99}))
     with pytest.raises(ValueError, match="format_version 99"):
         Tokenizer.from_pretrained(path)
+
+
+def test_export_folds_training_only_quantizer_options(tmp_path):
+    config = {
+        "model": {"preset": "tiny_f4"},
+        "quantizer": {
+            "type": "vq",
+            "codebook_size": 32,
+            "codebook_dim": 16,
+            "codebook_update": "ema",
+            "kmeans_init": True,
+            "restart_strategy": "random",
+        },
+    }
+    tokenizer = Tokenizer.from_config(config)
+    tokenizer(torch.rand(2, 3, 16, 16) * 2 - 1)  # k-means init and one EMA step
+    tokenizer.eval()
+    exported = tokenizer.export()
+    assert exported.config["quantizer"] == {"type": "vq", "codebook_size": 32, "codebook_dim": 16}
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(exported.encode(images), tokenizer.encode(images))
+    exported.save_pretrained(tmp_path)
+    reloaded = Tokenizer.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(images).reconstruction, tokenizer(images).reconstruction)
