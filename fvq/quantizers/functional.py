@@ -9,15 +9,15 @@ from torch import Tensor
 
 DEFAULT_MAX_CHUNK_BYTES = 64 * 2**20
 
-# Shape of one distance block on CPU, tuned on a 2-core AVX-512 Xeon (2 MiB L2 per core; see docs/benchmarks.md).
-# A block of 1024 x 2048 fp32 (8 MiB) keeps sgemm near its peak while the two cheap reduction passes that follow
-# it still read from cache; the N x K matrix as one block runs at about half the speed (write-back to DRAM, then a
-# slow indexed min over it). ``max_chunk_bytes`` remains a hard upper bound on the block.
+# Shape of one distance block on CPU, tuned on a 2-core AVX-512 Xeon (2 MiB L2 per core; docs/benchmarks.md): a
+# 1024 x 2048 fp32 block (8 MiB) keeps sgemm near its peak while the reduction that follows reads it back from cache;
+# one N x K block is about half as fast (written to and read back from DRAM, then reduced by a slow indexed min).
+# ``max_chunk_bytes`` stays a hard upper bound on the block.
 _CPU_BLOCK_ROWS = 1024
 _CPU_BLOCK_CODES = 2048
-# Codes per group in the two-level argmin (a multiple of the 16-float AVX-512 lane width).
-_ARGMIN_GROUP = 128
-# Codes per chunk when computing ||c||^2 (bounds the (chunk, D) temporary).
+# Codes per group in the two-level block minimum (a multiple of the 16 fp32 lanes of AVX-512).
+_ARGMIN_GROUP = 64
+# Codes per chunk when computing ||c||^2 or hashing codes (bounds the (chunk, D) temporaries).
 _NORM_CHUNK = 4096
 
 
@@ -50,16 +50,19 @@ def _check_search_inputs(z: Tensor, codebook: Tensor, max_chunk_bytes: int) -> N
 
 
 def _search_block_shape(n: int, k: int, max_chunk_bytes: int, device: torch.device) -> tuple[int, int]:
-    """``(rows, codes)`` of one distance block: cache-sized on CPU, as large as allowed elsewhere, within the bound."""
+    """``(rows, codes)`` of one distance block: cache-sized on CPU, as large as allowed elsewhere, within the bound.
+
+    Blocks of codes are whole argmin groups where they can be, so only the last block of a row has a partial group.
+    """
     max_elems = max_chunk_bytes // 4
     if device.type == "cpu":
         codes = min(k, _CPU_BLOCK_CODES, max_elems)
-        rows = min(n, _CPU_BLOCK_ROWS * _CPU_BLOCK_CODES // codes, max_elems // codes)  # small K: more rows
+        rows = min(n, max(1, _CPU_BLOCK_ROWS * _CPU_BLOCK_CODES // codes), max_elems // codes)  # small K: more rows
     else:
         codes = min(k, max_elems)
-        rows = min(n, max(1, max_elems // codes))
-    if codes > _ARGMIN_GROUP and codes < k:
-        codes -= codes % _ARGMIN_GROUP  # full blocks split into whole groups; only the last block has a tail
+        rows = min(n, max_elems // codes)
+    if _ARGMIN_GROUP < codes < k:
+        codes -= codes % _ARGMIN_GROUP
     return max(1, rows), codes
 
 
@@ -72,42 +75,131 @@ def _squared_norms(codebook: Tensor) -> Tensor:
     return out
 
 
-def _block_min(block: Tensor, group_min: Tensor) -> tuple[Tensor, Tensor]:
-    """Row minimum and its first (lowest) column of an ``(n, k)`` block: values ``(n,)`` fp32, indices ``(n,)``.
+def _code_bits(codes: Tensor) -> Tensor:
+    """fp32 codes as their int32 bit patterns, with -0.0 turned into +0.0 first (equal values, equal bits)."""
+    return (codes.float() + 0.0).view(torch.int32)
 
-    Two levels, because an indexed ``min`` is several times slower than a plain ``amin`` on CPU: ``amin`` over
-    contiguous groups of ``_ARGMIN_GROUP`` columns, an indexed ``min`` over the ``k / group`` group minima (the first
-    group holding the row minimum also holds its lowest column), then an indexed ``min`` inside that one group.
-    Gives exactly what ``block.min(dim=1)`` gives, ties included.
+
+def _bit_hash(codebook: Tensor, rows: Tensor) -> Tensor:
+    """``(M,)`` int64 hash of the codes ``codebook[rows]``, from their bits, ``_NORM_CHUNK`` rows at a time.
+
+    A weighted sum in wrap-around integer arithmetic does not depend on the summation order (a float dot product
+    does), so equal codes always hash equal.
+    """
+    gen = torch.Generator().manual_seed(0x5EED)
+    weights = torch.randint(1, 2**20, (codebook.shape[1],), generator=gen, dtype=torch.int64).to(codebook.device)
+    out = torch.empty(rows.numel(), dtype=torch.int64, device=codebook.device)
+    for j in range(0, rows.numel(), _NORM_CHUNK):
+        bits = _code_bits(codebook[rows[j : j + _NORM_CHUNK]])  # (m, D)
+        torch.sum(bits.long() * weights, dim=1, out=out[j : j + _NORM_CHUNK])
+    return out
+
+
+def _lowest_duplicates(codebook: Tensor, code_sq: Tensor) -> Tensor | None:
+    """For each code, the lowest index holding the same vector, ``(K,)`` int64; ``None`` if all codes differ.
+
+    The search's matmul may round the distances to two identical codes differently (BLAS kernels differ by tile
+    position and block width), so "ties go to the lowest index" cannot be left to the distances alone for duplicate
+    codes; mapping every found index through this table makes it exact. Cost: one sort of ``||c||^2`` (identical
+    codes have bit-identical norms, as one row reduction computes them all), then hashing and comparing only the
+    codes whose norm is shared with another code, ``_NORM_CHUNK`` rows at a time.
+    """
+    k = codebook.shape[0]
+    if k < 2:
+        return None
+    sorted_sq, order = torch.sort(code_sq, stable=True)  # (K,), (K,)
+    shared = sorted_sq[1:] == sorted_sq[:-1]  # (K - 1,)
+    if not bool(shared.any()):
+        return None
+    in_group = torch.zeros(k, dtype=torch.bool, device=codebook.device)
+    in_group[1:] |= shared
+    in_group[:-1] |= shared
+    cand = order[in_group].sort().values  # (M,) codes sharing their norm with another code, ascending
+    cand_sq, cand_hash = code_sq[cand], _bit_hash(codebook, cand)  # (M,), (M,)
+    # sort by (norm, hash); the stable sorts keep ascending code order inside each group
+    key = torch.sort(cand_hash, stable=True).indices  # (M,)
+    key = key[torch.sort(cand_sq[key], stable=True).indices]  # (M,)
+    codes_sorted = cand[key]  # (M,)
+    sq_sorted, hash_sorted = cand_sq[key], cand_hash[key]
+    starts = torch.ones(cand.numel(), dtype=torch.bool, device=codebook.device)
+    starts[1:] = (sq_sorted[1:] != sq_sorted[:-1]) | (hash_sorted[1:] != hash_sorted[:-1])
+    group = torch.cumsum(starts.long(), dim=0) - 1  # (M,) group of each sorted candidate
+    first = codes_sorted[starts.nonzero().squeeze(1)][group]  # (M,) lowest code of the group
+    same = torch.empty(cand.numel(), dtype=torch.bool, device=codebook.device)
+    for j in range(0, cand.numel(), _NORM_CHUNK):
+        a = _code_bits(codebook[codes_sorted[j : j + _NORM_CHUNK]])  # (m, D)
+        b = _code_bits(codebook[first[j : j + _NORM_CHUNK]])  # (m, D)
+        torch.all(a == b, dim=1, out=same[j : j + _NORM_CHUNK])
+    lowest = torch.arange(k, device=codebook.device)
+    lowest[codes_sorted[same]] = first[same]
+    for g in group[~same].unique().tolist():  # a hash collision between different codes: vanishingly rare
+        members = codes_sorted[group == g].sort().values  # (m,)
+        _, inverse = torch.unique(_code_bits(codebook[members]), dim=0, return_inverse=True)  # (m,)
+        firsts = torch.full((int(inverse.max()) + 1,), k, dtype=torch.long, device=codebook.device)
+        firsts.scatter_reduce_(0, inverse, members, reduce="amin")
+        lowest[members] = firsts[inverse]
+    return lowest
+
+
+def _first_min(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Row minimum of a 2-d ``x`` and its first column: ``(n,)`` values and ``(n,)`` int64 indices."""
+    return x.min(dim=1)  # torch documents the first minimal index on ties
+
+
+def _block_min(block: Tensor, group_min: Tensor) -> tuple[Tensor, Tensor]:
+    """Row minimum and its lowest column of an ``(n, k)`` block with ``k`` a multiple of ``_ARGMIN_GROUP``.
+
+    Two levels, because an indexed min costs about ten times more per element than a plain ``amin`` on CPU: ``amin``
+    over contiguous groups of ``_ARGMIN_GROUP`` columns (one cheap pass over the block while it is in cache), an
+    indexed min over the ``k / group`` group minima (the first group holding the row minimum also holds its lowest
+    column), then an indexed min inside that one group. Same values and indices as ``block.min(dim=1)``.
+
+    Args:
+        block: ``(n, k)`` fp32 distances (rows may be strided).
+        group_min: Scratch buffer of at least ``n * k / _ARGMIN_GROUP`` floats.
+
+    Returns:
+        ``(n,)`` minima and ``(n,)`` int64 columns.
     """
     n, k = block.shape
     g = _ARGMIN_GROUP
-    if k % g != 0 or k == g:
-        return block.min(dim=1)
     groups = block.view(n, k // g, g)  # (n, G, g)
     minima = group_min[: n * (k // g)].view(n, k // g)  # (n, G)
     torch.amin(groups, dim=2, out=minima)
-    _, first_group = minima.min(dim=1)  # (n,)
+    _, first_group = _first_min(minima)  # (n,)
     members = groups.gather(1, first_group.view(n, 1, 1).expand(n, 1, g)).view(n, g)  # (n, g)
-    value, offset = members.min(dim=1)  # (n,), (n,)
+    value, offset = _first_min(members)  # (n,), (n,)
     return value, first_group * g + offset
+
+
+def _code_blocks(k: int, codes: int) -> list[tuple[int, int, int]]:
+    """``(start, width, split)`` of each block of codes: columns ``[0, split)`` of the block are whole argmin groups
+    (reduced in two levels), columns ``[split, width)`` are the rest (reduced directly)."""
+    blocks = []
+    for start in range(0, k, codes):
+        width = min(codes, k - start)
+        blocks.append((start, width, width - width % _ARGMIN_GROUP))
+    return blocks
 
 
 def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> Tensor:
     """Exact nearest code under squared L2 distance, in fp32, with bounded memory.
 
-    ``argmin_k ||z_i - c_k||^2 = argmin_k (||c_k||^2 - 2 z_i . c_k)`` (``||z_i||^2`` is the same for every code).
-    The distances are computed block by block, ``(rows, codes)`` at a time, as one ``addmm`` each (``||c||^2`` enters
-    as the bias, the ``-2`` as ``alpha``, both exact), and reduced while the block is still in cache; per-block
-    minima are then reduced across blocks. The result equals ``argmin`` over the full distance matrix
-    ``||c||^2 - 2 z c^T`` computed in fp32, with ties going to the lowest index; no block is ever larger than
-    ``max_chunk_bytes``. Everything runs in fp32 with autocast disabled: bf16 / fp16 inputs are cast up first.
+    ``argmin_k ||z_i - c_k||^2 = argmin_k (||c_k||^2 - 2 z_i . c_k)``, as ``||z_i||^2`` is the same for every code.
+    Distances are computed ``(rows, codes)`` at a time by one sgemm each on augmented operands,
+    ``[-2 z_i, 1] . [c_k, ||c_k||^2]`` (the bias rides in the matmul instead of costing a pass over the block, and
+    the ``-2`` is an exact scaling), and each block is reduced while it is still in cache (:func:`_block_min`);
+    per-block minima are then reduced in index order. The result is the ``argmin`` of the full ``N x K`` matrix of
+    fp32 distances with ties going to the lowest index, identical codes included (:func:`_lowest_duplicates`), and
+    no distance block is ever larger than ``max_chunk_bytes``. Everything runs in fp32 with autocast disabled:
+    bf16 / fp16 inputs are cast up block by block.
 
     Args:
         z: ``(N, D)`` query vectors, any float dtype.
         codebook: ``(K, D)`` code vectors, ``K >= 1``, on the same device as ``z``.
         max_chunk_bytes: Upper bound in bytes on one fp32 distance block (at least 4). Within it, the block shape
-            is chosen for speed (cache-sized on CPU).
+            is chosen for speed (cache-sized on CPU). Besides the block, the search holds ``(rows + codes) x (D + 1)``
+            floats of augmented operands and ``O(N + K)`` small vectors.
 
     Returns:
         ``(N,)`` int64 indices into ``codebook``.
@@ -117,33 +209,45 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
         ValueError: on wrong ranks, different ``D``, an empty codebook, different devices or a bound below 4 bytes.
     """
     _check_search_inputs(z, codebook, max_chunk_bytes)
-    n, k = z.shape[0], codebook.shape[0]
-    out = torch.empty(n, dtype=torch.long, device=z.device)
+    (n, d), k = z.shape, codebook.shape[0]
+    device = z.device
+    out = torch.empty(n, dtype=torch.long, device=device)
     if n == 0:
         return out
-    with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
-        z = z.detach().float()  # (N, D)
-        codebook = codebook.detach().float()  # (K, D)
-        code_sq = _squared_norms(codebook)  # (K,)
-        rows, codes = _search_block_shape(n, k, max_chunk_bytes, z.device)
-        num_blocks = -(-k // codes)
-        block_buf = torch.empty(rows * codes, dtype=torch.float32, device=z.device)  # one (rows, codes) block
-        group_buf = torch.empty(rows * max(1, codes // _ARGMIN_GROUP), dtype=torch.float32, device=z.device)
-        best_val = torch.empty(rows, num_blocks, dtype=torch.float32, device=z.device)  # per-block minima
-        best_idx = torch.empty(rows, num_blocks, dtype=torch.long, device=z.device)
+    with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+        z, codebook = z.detach(), codebook.detach()
+        code_sq = _squared_norms(codebook)  # (K,) fp32
+        rows, codes = _search_block_shape(n, k, max_chunk_bytes, device)
+        blocks = _code_blocks(k, codes)
+        slots = sum((split > 0) + (split < width) for _, width, split in blocks)  # partial minima per row
+        f32 = {"dtype": torch.float32, "device": device}
+        z_aug = torch.ones(rows, d + 1, **f32)  # [-2 z_i, 1]; column D stays 1
+        code_aug = torch.empty(codes, d + 1, **f32)  # [c_k, ||c_k||^2]
+        block_buf = torch.empty(rows * codes, **f32)  # one (rows, codes) distance block
+        group_buf = torch.empty(rows * max(1, codes // _ARGMIN_GROUP), **f32)
+        best_val = torch.empty(rows, slots, **f32)  # (rows, slots) partial minima, in index order
+        best_idx = torch.empty(rows, slots, dtype=torch.long, device=device)
         for i in range(0, n, rows):
-            zi = z[i : i + rows]  # (r, D)
-            r = zi.shape[0]
-            for b, j in enumerate(range(0, k, codes)):
-                c = min(codes, k - j)
-                dist = block_buf[: r * c].view(r, c)  # (r, c)
-                torch.addmm(code_sq[j : j + c], zi, codebook[j : j + c].t(), alpha=-2.0, out=dist)
-                value, index = _block_min(dist, group_buf)  # (r,), (r,)
-                best_val[:r, b] = value
-                best_idx[:r, b] = index + j
-            _, block = best_val[:r].min(dim=1)  # (r,): first block holding the row minimum = lowest index
-            out[i : i + r] = best_idx[:r].gather(1, block.view(r, 1)).view(r)
-        return out
+            r = min(rows, n - i)
+            z_aug[:r, :d].copy_(z[i : i + r]).mul_(-2.0)  # (r, D), cast to fp32 before the exact scaling
+            slot = 0
+            for start, width, split in blocks:
+                code_aug[:width, :d].copy_(codebook[start : start + width])  # (w, D)
+                code_aug[:width, d].copy_(code_sq[start : start + width])  # (w,)
+                dist = block_buf[: r * width].view(r, width)  # (r, w): ||c||^2 - 2 z.c
+                torch.mm(z_aug[:r], code_aug[:width].t(), out=dist)
+                if split > 0:
+                    value, index = _block_min(dist[:, :split], group_buf)  # (r,), (r,)
+                    best_val[:r, slot], best_idx[:r, slot] = value, index + start
+                    slot += 1
+                if split < width:
+                    value, index = _first_min(dist[:, split:])  # (r,), (r,)
+                    best_val[:r, slot], best_idx[:r, slot] = value, index + start + split
+                    slot += 1
+            _, first = _first_min(best_val[:r])  # (r,): the first slot holding the row minimum has the lowest index
+            out[i : i + r] = best_idx[:r].gather(1, first.view(r, 1)).view(r)
+        lowest = _lowest_duplicates(codebook, code_sq)  # (K,) or None
+        return out if lowest is None else lowest[out]
 
 
 def straight_through(z: Tensor, quantized: Tensor) -> Tensor:

@@ -1,0 +1,394 @@
+"""Benchmark the exact nearest-code search and a ``VectorQuantizer`` forward + backward at large codebooks.
+
+Run as ``fvq bench search`` or ``python scripts/bench_search.py``. For each codebook size K it reports the time of
+:func:`fvq.quantizers.functional.nearest_codes` on ``N x D`` queries, its speed in GFLOP/s counting
+``2 * N * K * D`` FLOPs, the ratio of that speed to the sgemm peak measured in the same process just before, its peak
+memory, and the brute-force ``torch.mm`` + ``argmin`` over the full ``N x K`` matrix for comparison (where that
+matrix fits in ``--baseline-max-gib``; its indices must equal the search's). Then it times a forward + backward of
+``VectorQuantizer`` at the given ``K:N`` shapes and, with ``--memory-check``, checks that one step at K = 262,144,
+D = 256, N = 32,768 stays under ``--memory-limit-gib`` (4 GiB).
+
+Every case runs in a fresh subprocess, so no case sees memory held or cached by another. Peak memory on CPU is the
+growth of the process's peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs`` just before the
+measured call; where that is not possible, ``ru_maxrss`` above the resident size before the call): it counts every
+allocation the call makes, the allocator's slack included. On CUDA it is ``torch.cuda.max_memory_allocated`` above
+the memory allocated before the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fvq.quantizers.functional import nearest_codes
+from fvq.quantizers.vq import VectorQuantizer
+
+DEFAULT_CODEBOOK_SIZES = (4096, 16_384, 65_536, 262_144)
+DEFAULT_VQ_CASES = ("16384:8192", "262144:2048")  # the issue's shapes, K:N
+MEMORY_CHECK_CASE = "262144:32768"
+
+
+# ---- memory accounting ----------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak extra memory of the code run between :meth:`start` and :meth:`stop`, in bytes (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = 0
+        self.method = ""
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.method = "cuda max_memory_allocated"
+            return
+        self.base = _status_kib("VmRSS") * 1024
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
+            self.method = "VmHWM growth"
+        except OSError:
+            self.method = "ru_maxrss growth"
+
+    def stop(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
+        if self.method == "VmHWM growth":
+            peak = _status_kib("VmHWM") * 1024
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return max(0, peak - self.base)
+
+
+def _status_kib(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{field}:\s+(\d+)\s+kB", f.read(), flags=re.MULTILINE)
+    except OSError:
+        match = None
+    if match is None:  # not Linux: fall back to the high-water mark, in bytes on macOS and KiB elsewhere
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss // 1024 if sys.platform == "darwin" else rss
+    return int(match.group(1))
+
+
+# ---- timed cases ----------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """Shortest of ``repeats`` timed calls, in seconds (the least disturbed by other work on a shared machine)."""
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def sgemm_gflops(device: torch.device, size: int = 2048, repeats: int = 7) -> float:
+    """sgemm peak: GFLOP/s of the fastest of ``repeats`` fp32 ``size x size`` square ``torch.mm`` calls."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device)
+    b = torch.randn(size, size, generator=gen).to(device)
+    out = torch.empty(size, size, device=device)
+    torch.mm(a, b, out=out)  # warm-up
+    return 2 * size**3 / _best_time(lambda: torch.mm(a, b, out=out), repeats, device) / 1e9
+
+
+def measure_search(
+    codebook_size: int, tokens: int, dim: int, repeats: int, device: torch.device, baseline_max_bytes: int
+) -> dict[str, Any]:
+    """Time and peak memory of ``nearest_codes`` on random ``(tokens, dim)`` queries and a ``(K, dim)`` codebook."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(tokens, dim, generator=gen).to(device)  # (N, D)
+    codebook = torch.randn(codebook_size, dim, generator=gen).to(device)  # (K, D)
+    peak_gflops = sgemm_gflops(device)
+    meter = PeakMemory(device)
+    meter.start()
+    indices = nearest_codes(z, codebook)  # (N,); first call: warm-up and the measured peak
+    peak_bytes = meter.stop()
+    seconds = _best_time(lambda: nearest_codes(z, codebook), repeats, device)
+    flops = 2 * tokens * codebook_size * dim
+    result: dict[str, Any] = {
+        "K": codebook_size,
+        "N": tokens,
+        "D": dim,
+        "seconds": seconds,
+        "gflops": flops / seconds / 1e9,
+        "sgemm_gflops": peak_gflops,
+        "ratio": flops / seconds / 1e9 / peak_gflops,
+        "peak_mib": peak_bytes / 2**20,
+        "memory_method": meter.method,
+        "threads": torch.get_num_threads(),
+    }
+    if 4 * tokens * codebook_size <= baseline_max_bytes:
+
+        def brute_force() -> torch.Tensor:
+            dist = torch.addmm(codebook.square().sum(dim=1), z, codebook.t(), alpha=-2.0)  # (N, K), all at once
+            return dist.argmin(dim=1)
+
+        reference = brute_force()
+        base_seconds = _best_time(brute_force, max(1, repeats - 1), device)
+        result["baseline_seconds"] = base_seconds
+        result["baseline_ratio"] = flops / base_seconds / 1e9 / peak_gflops
+        result["mismatches"] = int((reference != indices).sum())
+    return result
+
+
+def measure_vq_step(codebook_size: int, tokens: int, dim: int, repeats: int, device: torch.device) -> dict[str, Any]:
+    """Time and peak memory of one ``VectorQuantizer`` forward + backward on ``(tokens, dim)`` inputs."""
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(codebook_size, dim, init="normal", init_scale=1.0).to(device).train()
+    z = torch.randn(tokens, dim, device=device, requires_grad=True)  # (N, D)
+
+    def step() -> None:
+        out = quantizer(z)
+        (out.loss + out.quantized.square().mean()).backward()
+        quantizer.zero_grad(set_to_none=True)
+        z.grad = None
+
+    meter = PeakMemory(device)
+    meter.start()
+    first_start = time.perf_counter()
+    step()  # first step: warm-up and the measured peak
+    first = time.perf_counter() - first_start
+    peak_bytes = meter.stop()
+    seconds = _best_time(step, repeats, device) if repeats > 0 else first
+    return {
+        "K": codebook_size,
+        "N": tokens,
+        "D": dim,
+        "seconds": seconds,
+        "peak_mib": peak_bytes / 2**20,
+        "memory_method": meter.method,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# ---- command line ---------------------------------------------------------------------------------------------------
+def _vq_case(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+):(\d+)", text.strip())
+    if match is None or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise argparse.ArgumentTypeError(f"expected a case K:N with positive integers (e.g. 16384:8192), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=_positive, default=8192, help="queries N for the search (8192)")
+    parser.add_argument("--dim", type=_positive, default=256, help="code dimension D (256)")
+    parser.add_argument(
+        "--codebook-sizes",
+        type=_positive,
+        nargs="*",
+        default=list(DEFAULT_CODEBOOK_SIZES),
+        help="codebook sizes K for the search (4096 16384 65536 262144); none to skip",
+    )
+    parser.add_argument(
+        "--vq",
+        type=_vq_case,
+        nargs="*",
+        default=[_vq_case(c) for c in DEFAULT_VQ_CASES],
+        metavar="K:N",
+        help="VectorQuantizer forward + backward cases (16384:8192 262144:2048); none to skip",
+    )
+    parser.add_argument(
+        "--memory-check",
+        action="store_true",
+        help=f"also run one VectorQuantizer step at K:N = {MEMORY_CHECK_CASE} (about a minute on 2 cores) and check "
+        "its peak memory against --memory-limit-gib",
+    )
+    parser.add_argument("--memory-limit-gib", type=float, default=4.0, help="limit for --memory-check (4)")
+    parser.add_argument("--repeats", type=_positive, default=3, help="timed calls per case; the fastest is kept (3)")
+    parser.add_argument(
+        "--baseline-max-gib",
+        type=float,
+        default=2.0,
+        help="run the brute-force torch.mm + argmin baseline where its N x K matrix fits in this many GiB (2)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (cpu)")
+    parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", default=None, help="also write all results to this JSON file")
+    parser.add_argument("--_case", default=None, help=argparse.SUPPRESS)
+
+
+def _child_command(case: str, args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, "-m", "fvq.quantizers.search_benchmark", "--_case", case, "--repeats", str(args.repeats)]
+    cmd += ["--dim", str(args.dim), "--device", args.device, "--baseline-max-gib", str(args.baseline_max_gib)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    return cmd
+
+
+def _run_child(case: str, args: argparse.Namespace, label: str, expected_s: float) -> dict[str, Any]:
+    """Run one case in a fresh interpreter, printing elapsed time and an estimate while it runs."""
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else package_root
+    print(f"  {label}: running, expected about {expected_s:.0f} s ...", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        _child_command(case, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.wait(10.0):
+            elapsed = time.perf_counter() - start
+            left = max(0.0, expected_s - elapsed)
+            print(f"    {label}: {elapsed:.0f} s elapsed, about {left:.0f} s left (estimate)", flush=True)
+
+    ticker = threading.Thread(target=heartbeat, daemon=True)
+    ticker.start()
+    stdout, stderr = proc.communicate()
+    done.set()
+    ticker.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark case {label} failed (exit {proc.returncode}):\n{stderr[-3000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["wall_seconds"] = time.perf_counter() - start
+    return result
+
+
+def _run_case(args: argparse.Namespace) -> int:
+    """Child process: run the case named by ``--_case`` and print its result as one JSON line."""
+    device = torch.device(args.device)
+    kind, k, n = args._case.split(":")
+    if kind == "search":
+        result = measure_search(int(k), int(n), args.dim, args.repeats, device, int(args.baseline_max_gib * 2**30))
+    elif kind == "vq":
+        result = measure_vq_step(int(k), int(n), args.dim, args.repeats, device)
+    elif kind == "vqonce":
+        result = measure_vq_step(int(k), int(n), args.dim, 0, device)
+    else:
+        raise ValueError(f"unknown benchmark case kind {kind!r}; expected search, vq or vqonce")
+    print(json.dumps(result))
+    return 0
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args`` (see :func:`add_arguments`) and print its tables."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._case is not None:
+        return _run_case(args)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} asked for CUDA, but torch.cuda.is_available() is False")
+    print(
+        f"fvq nearest-code search benchmark: torch {torch.__version__}, device {device}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, D = {args.dim}",
+        flush=True,
+    )
+    peak = sgemm_gflops(device)
+    print(f"sgemm peak (fp32 2048 x 2048 torch.mm, best of 7): {peak:.0f} GFLOP/s", flush=True)
+    rate = 0.8 * peak * 1e9  # for time estimates only
+    results: dict[str, Any] = {"device": str(device), "sgemm_gflops": peak, "search": [], "vq": []}
+    started = time.perf_counter()
+    failed = False
+
+    sizes = list(args.codebook_sizes)
+    if sizes:
+        print(
+            f"\nnearest_codes, N = {args.tokens}, D = {args.dim} (2 N K D FLOPs; ratio to the sgemm peak measured "
+            "by the same process just before)",
+            flush=True,
+        )
+        for i, k in enumerate(sizes, 1):
+            flops = 2 * args.tokens * k * args.dim
+            baseline = 4 * args.tokens * k <= args.baseline_max_gib * 2**30
+            expected = (
+                3 + flops * (args.repeats + 1) / rate + (flops * args.repeats / (0.4 * peak * 1e9) if baseline else 0)
+            )
+            res = _run_child(f"search:{k}:{args.tokens}", args, f"[{i}/{len(sizes)}] K = {k}", expected)
+            results["search"].append(res)
+        print(
+            f"\n{'K':>8} {'time':>9} {'GFLOP/s':>8} {'sgemm':>7} {'ratio':>6} {'peak mem':>9}   "
+            f"{'mm+argmin':>10} {'ratio':>6} {'same idx':>8}"
+        )
+        for r in results["search"]:
+            base = (
+                f"{_fmt_seconds(r['baseline_seconds']):>10} {r['baseline_ratio']:>6.0%} "
+                f"{'yes' if r['mismatches'] == 0 else str(r['mismatches']) + ' diff':>8}"
+                if "baseline_seconds" in r
+                else f"{'-':>10} {'-':>6} {'-':>8}"
+            )
+            print(
+                f"{r['K']:>8} {_fmt_seconds(r['seconds']):>9} {r['gflops']:>8.0f} {r['sgemm_gflops']:>7.0f} "
+                f"{r['ratio']:>6.0%} {r['peak_mib']:>6.0f} MiB   {base}"
+            )
+
+    vq_cases = [("vq", k, n) for k, n in args.vq]
+    if args.memory_check:
+        k, n = _vq_case(MEMORY_CHECK_CASE)
+        vq_cases.append(("vqonce", k, n))
+    if vq_cases:
+        print(
+            f"\nVectorQuantizer forward + backward, D = {args.dim} (peak: memory growth during the first step)",
+            flush=True,
+        )
+        for i, (kind, k, n) in enumerate(vq_cases, 1):
+            steps = 1 if kind == "vqonce" else args.repeats + 1
+            expected = 3 + steps * 2 * n * k * args.dim / rate
+            res = _run_child(f"{kind}:{k}:{n}", args, f"[{i}/{len(vq_cases)}] K = {k}, N = {n}", expected)
+            res["memory_check"] = kind == "vqonce"
+            results["vq"].append(res)
+        print(f"\n{'K':>8} {'N':>7} {'time':>9} {'peak mem':>10}")
+        for r in results["vq"]:
+            line = f"{r['K']:>8} {r['N']:>7} {_fmt_seconds(r['seconds']):>9} {r['peak_mib']:>6.0f} MiB"
+            if r["memory_check"]:
+                ok = r["peak_mib"] <= args.memory_limit_gib * 1024
+                failed |= not ok
+                line += f"   memory check: {'PASS' if ok else 'FAIL'} (limit {args.memory_limit_gib:g} GiB)"
+            print(line)
+        print(f"(peak memory: {results['vq'][0]['memory_method']})")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    mismatched = any(r.get("mismatches", 0) for r in results["search"])
+    if mismatched:
+        print("error: nearest_codes disagreed with the brute-force argmin (see 'same idx')", file=sys.stderr)
+    return 1 if mismatched or (args.memory_check and failed) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fvq.quantizers.search_benchmark", description=__doc__.strip().splitlines()[0]
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

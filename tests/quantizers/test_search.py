@@ -1,0 +1,202 @@
+"""Exact nearest-code search: equality with brute force, ties, block boundaries, dtypes, memory bound, errors."""
+
+import pytest
+import torch
+
+from fvq.quantizers import nearest_codes
+from fvq.quantizers.functional import _ARGMIN_GROUP, _CPU_BLOCK_CODES, _search_block_shape
+
+
+def _brute_force(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """argmin over the full (N, K) matrix of ||z - c||^2 in fp64; torch's argmin returns the first minimum."""
+    dist = (z.double()[:, None, :] - codebook.double()[None, :, :]).square().sum(-1)  # (N, K)
+    return dist.argmin(dim=1)
+
+
+def _integer_data(n: int, k: int, d: int, seed: int, high: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Small integer values: every distance is exact in fp32, so any correct search must match, ties included."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randint(-high, high + 1, (n, d), generator=gen).float()
+    codebook = torch.randint(-high, high + 1, (k, d), generator=gen).float()
+    return z, codebook
+
+
+# (N, K, D, max_chunk_bytes): K and N off every block size, bounds below one row (4 bytes = a single distance),
+# several code blocks (K > _CPU_BLOCK_CODES) with a tail that is not a whole number of argmin groups.
+SHAPES = [
+    (1, 1, 1, 4),
+    (7, 1, 3, 64 * 2**20),
+    (33, 5, 4, 4),
+    (50, 37, 5, 64),
+    (129, 300, 3, 4 * 7),
+    (200, 1000, 6, 4 * 999),
+    (65, 2 * _CPU_BLOCK_CODES + 3 * _ARGMIN_GROUP + 17, 4, 64 * 2**20),
+    (40, 2 * _CPU_BLOCK_CODES + 1, 3, 4 * (_ARGMIN_GROUP * 3 + 5)),
+    (300, 257, 8, 4 * 257 * 3 + 8),
+]
+
+
+@pytest.mark.parametrize("n,k,d,max_chunk_bytes", SHAPES)
+def test_matches_brute_force_exactly(n, k, d, max_chunk_bytes):
+    z, codebook = _integer_data(n, k, d, seed=n + k + d)
+    indices = nearest_codes(z, codebook, max_chunk_bytes)
+    assert indices.shape == (n,) and indices.dtype == torch.int64
+    assert torch.equal(indices, _brute_force(z, codebook))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_continuous_data_finds_a_nearest_code(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n, k, d = 300, 2 * _CPU_BLOCK_CODES + 77, 16
+    z = torch.randn(n, d, generator=gen)
+    codebook = torch.randn(k, d, generator=gen)
+    indices = nearest_codes(z, codebook, max_chunk_bytes=4 * 100 * 1000)
+    dist = (z.double()[:, None] - codebook.double()[None]).square().sum(-1)  # (N, K)
+    best = dist.min(dim=1).values
+    chosen = dist.gather(1, indices[:, None]).squeeze(1)
+    # fp32 distances may only reorder codes whose true distances differ by less than fp32 rounding
+    assert torch.all(chosen - best <= 1e-4 * (1 + best))
+    assert (indices == dist.argmin(dim=1)).float().mean() > 0.99
+
+
+def test_duplicate_codes_go_to_the_lowest_index():
+    gen = torch.Generator().manual_seed(3)
+    k, d = 3 * _CPU_BLOCK_CODES + 50, 4
+    codebook = torch.randn(k, d, generator=gen) + 10.0  # far from the duplicates below
+    target = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    positions = [5, _ARGMIN_GROUP - 1, _ARGMIN_GROUP, _CPU_BLOCK_CODES, 2 * _CPU_BLOCK_CODES + 3, k - 1]
+    codebook[positions] = target
+    z = target.expand(4, d).clone()
+    for bound in (4, 4 * 3, 4 * _ARGMIN_GROUP, 4 * (_CPU_BLOCK_CODES + 1), 64 * 2**20):
+        assert nearest_codes(z, codebook, bound).tolist() == [5] * 4
+    codebook[5] = 10.0  # the next duplicate is first now, and sits on a block boundary for some bounds
+    for bound in (4, 4 * 3, 4 * _ARGMIN_GROUP, 64 * 2**20):
+        assert nearest_codes(z, codebook, bound).tolist() == [_ARGMIN_GROUP - 1] * 4
+
+
+@pytest.mark.parametrize("d", [3, 16, 256])
+def test_identical_codebook_gives_index_zero(d):
+    z = torch.randn(20, d, generator=torch.Generator().manual_seed(d))
+    codebook = torch.full((3 * _ARGMIN_GROUP + 1, d), 0.3)
+    for bound in (4, 4 * 20, 4 * 1000, 64 * 2**20):  # blocks of several widths: BLAS rounds them differently
+        assert torch.equal(nearest_codes(z, codebook, bound), torch.zeros(20, dtype=torch.long))
+
+
+def test_duplicates_among_many_equal_norms():
+    # unit-norm codes (the cosine case) share their norm bit for bit far more often than random codes
+    gen = torch.Generator().manual_seed(8)
+    base = torch.eye(6)[torch.randint(0, 6, (500,), generator=gen)] * torch.where(
+        torch.rand(500, 1, generator=gen) < 0.5, -1.0, 1.0
+    )  # (500, 6): +-e_i, so many exact duplicates and many distinct codes with the same norm
+    base[0] = -0.0 * base[0]  # -0.0 and +0.0 are the same value
+    z = torch.randn(300, 6, generator=gen)
+    assert torch.equal(nearest_codes(z, base, 4 * 7), _brute_force(z, base))
+    lowest = {}
+    for i, row in enumerate(base.tolist()):
+        lowest.setdefault(tuple(row), i)
+    found = nearest_codes(z, base)
+    assert all(lowest[tuple(base[i].tolist())] == i for i in found.tolist())
+
+
+def test_duplicate_detection_survives_hash_collisions(monkeypatch):
+    from fvq.quantizers import functional
+
+    monkeypatch.setattr(functional, "_bit_hash", lambda codebook, rows: torch.zeros(rows.numel(), dtype=torch.long))
+    codebook = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0], [0.0, -1.0]])
+    z = torch.tensor([[2.0, 0.1], [0.1, 2.0], [-2.0, 0.1], [0.1, -2.0]])
+    assert nearest_codes(z, codebook, 4).tolist() == [0, 1, 4, 5]
+
+
+@pytest.mark.parametrize("bound", [4, 4 * 5, 4 * _ARGMIN_GROUP, 4 * _CPU_BLOCK_CODES, 64 * 2**20])
+def test_block_boundaries(bound):
+    k, d = 2 * _CPU_BLOCK_CODES + _ARGMIN_GROUP + 3, 3
+    rows, codes = _search_block_shape(1, k, bound, torch.device("cpu"))
+    edges = {0, 1, codes - 1, codes, codes + 1, _ARGMIN_GROUP - 1, _ARGMIN_GROUP, k - codes, k - 2, k - 1}
+    edges = sorted(e for e in edges if 0 <= e < k)
+    codebook = torch.full((k, d), 50.0)  # far from every query below; all values exact in fp32
+    targets = torch.arange(len(edges), dtype=torch.float32)[:, None] * torch.tensor([1.0, -2.0, 3.0])  # (E, 3)
+    codebook[edges] = targets
+    assert nearest_codes(targets, codebook, bound).tolist() == edges
+    # a query halfway between the codes at two edges is an exact tie: the lower index wins
+    codebook[edges] = 0.0
+    codebook[edges[1:]] = 2.0
+    z = torch.ones(1, d)
+    assert nearest_codes(z, codebook, bound).tolist() == [edges[0]]
+    codebook[edges[0]] = 50.0
+    assert nearest_codes(z, codebook, bound).tolist() == [edges[1]]
+
+
+@pytest.mark.parametrize("n,k,bound", [(1, 1, 4), (5000, 9000, 4), (10_000, 10, 4 * 64), (3, 10**6, 4 * 999)])
+def test_block_shape_respects_the_bound(n, k, bound):
+    rows, codes = _search_block_shape(n, k, bound, torch.device("cpu"))
+    assert 1 <= rows <= n and 1 <= codes <= k
+    assert 4 * rows * codes <= bound
+
+
+def test_no_allocation_exceeds_the_bound():
+    z, codebook = _integer_data(700, 600, 2, seed=4)
+    bound = 4 * 50 * 128
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        indices = nearest_codes(z, codebook, bound)
+    sizes = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    assert sizes, "the profiler recorded no allocation"
+    full_matrix = 4 * 700 * 600
+    assert max(sizes) <= bound < full_matrix
+    assert torch.equal(indices, _brute_force(z, codebook))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_are_searched_in_fp32(dtype):
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(200, 32, generator=gen).to(dtype)
+    codebook = torch.randn(600, 32, generator=gen).to(dtype)
+    indices = nearest_codes(z, codebook, max_chunk_bytes=4 * 40 * 300)
+    assert indices.dtype == torch.int64
+    assert torch.equal(indices, nearest_codes(z.float(), codebook.float()))
+    z_int, codebook_int = _integer_data(100, 300, 8, seed=7)  # exact in bf16 and fp16 as well
+    assert torch.equal(
+        nearest_codes(z_int.to(dtype), codebook_int.to(dtype), 4 * 50), _brute_force(z_int, codebook_int)
+    )
+
+
+def test_autocast_does_not_lower_the_precision():
+    gen = torch.Generator().manual_seed(6)
+    z = torch.randn(200, 32, generator=gen) + 3.0  # a common offset: large dot products, small differences
+    codebook = torch.randn(600, 32, generator=gen) + 3.0
+    expected = nearest_codes(z, codebook)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dots = torch.mm(z, codebook.t())  # (N, K), bf16 under autocast
+        got = nearest_codes(z, codebook, max_chunk_bytes=4 * 40 * 300)
+    assert dots.dtype == torch.bfloat16
+    dist = codebook.square().sum(1) - 2 * dots.float()  # (N, K)
+    assert not torch.equal(dist.argmin(dim=1), expected)  # bf16 distances would pick other codes for some rows
+    assert torch.equal(got, expected)
+
+
+def test_gradients_and_empty_queries():
+    z = torch.randn(6, 4, requires_grad=True)
+    codebook = torch.randn(9, 4, requires_grad=True)
+    indices = nearest_codes(z, codebook)
+    assert not indices.requires_grad
+    assert torch.equal(indices, _brute_force(z.detach(), codebook.detach()))
+    empty = nearest_codes(torch.empty(0, 4), codebook)
+    assert empty.shape == (0,) and empty.dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    "z,codebook,bound,error,pattern",
+    [
+        (torch.randn(4), torch.randn(3, 4), 1024, ValueError, r"z of shape \(N, D\), got 1 dims: \(4,\)"),
+        (torch.randn(2, 3, 4), torch.randn(3, 4), 1024, ValueError, r"z of shape \(N, D\), got 3 dims"),
+        (torch.randn(2, 4), torch.randn(2, 3, 4), 1024, ValueError, r"codebook of shape \(K, D\), got 3 dims"),
+        (torch.randn(2, 4), torch.randn(3, 5), 1024, ValueError, r"same D; got D = 4 .* D = 5"),
+        (torch.randn(2, 4), torch.randn(0, 4), 1024, ValueError, r"K >= 1 codes, got an empty codebook \(0, 4\)"),
+        (torch.randn(2, 4), torch.randn(3, 4), 3, ValueError, r"max_chunk_bytes must be an int >= 4.*got 3"),
+        (torch.randn(2, 4), torch.randn(3, 4), 2.5, ValueError, r"max_chunk_bytes must be an int >= 4.*got 2.5"),
+        (torch.ones(2, 4, dtype=torch.long), torch.randn(3, 4), 1024, TypeError, r"floating-point z, got .*int64"),
+        ([[1.0]], torch.randn(3, 1), 1024, TypeError, r"z to be a torch.Tensor, got list"),
+    ],
+)
+def test_bad_inputs_name_expected_and_actual(z, codebook, bound, error, pattern):
+    with pytest.raises(error, match=pattern):
+        nearest_codes(z, codebook, bound)
