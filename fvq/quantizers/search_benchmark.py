@@ -122,12 +122,16 @@ def measure_search(
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(tokens, dim, generator=gen).to(device)  # (N, D)
     codebook = torch.randn(codebook_size, dim, generator=gen).to(device)  # (K, D)
-    peak_gflops = sgemm_gflops(device)
     meter = PeakMemory(device)
     meter.start()
     indices = nearest_codes(z, codebook)  # (N,); first call: warm-up and the measured peak
     peak_bytes = meter.stop()
-    seconds = _best_time(lambda: nearest_codes(z, codebook), repeats, device)
+    # On a shared machine other work slows some calls: keep the fastest search and the fastest sgemm, the latter
+    # measured before every timed search so both get the same chances of a quiet moment.
+    peak_gflops, seconds = sgemm_gflops(device), float("inf")
+    for _ in range(repeats):
+        seconds = min(seconds, _best_time(lambda: nearest_codes(z, codebook), 1, device))
+        peak_gflops = max(peak_gflops, sgemm_gflops(device, repeats=3))
     flops = 2 * tokens * codebook_size * dim
     result: dict[str, Any] = {
         "K": codebook_size,
@@ -147,12 +151,25 @@ def measure_search(
             dist = torch.addmm(codebook.square().sum(dim=1), z, codebook.t(), alpha=-2.0)  # (N, K), all at once
             return dist.argmin(dim=1)
 
-        reference = brute_force()
         base_seconds = _best_time(brute_force, max(1, repeats - 1), device)
         result["baseline_seconds"] = base_seconds
         result["baseline_ratio"] = flops / base_seconds / 1e9 / peak_gflops
-        result["mismatches"] = int((reference != indices).sum())
+        result.update(_compare_with_brute_force(z, codebook, indices))
     return result
+
+
+def _compare_with_brute_force(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> dict[str, int]:
+    """Rows where ``indices`` differ from the full-matrix fp32 argmin, and those of them that are not near-ties.
+
+    The full matrix and the blocked search round ``||c||^2 - 2 z.c`` in different orders, so two codes whose
+    distances agree to within fp32 rounding may swap; any other difference would be a bug.
+    """
+    dist = torch.addmm(codebook.square().sum(dim=1), z, codebook.t(), alpha=-2.0)  # (N, K)
+    reference = dist.argmin(dim=1)  # (N,)
+    differ = reference != indices
+    gap = dist.gather(1, indices[:, None]) - dist.gather(1, reference[:, None])  # (N, 1)
+    tolerance = 1e-5 * (z.square().sum(dim=1, keepdim=True) + dist.abs().amax(dim=1, keepdim=True))  # (N, 1)
+    return {"mismatches": int(differ.sum()), "wrong": int((differ[:, None] & (gap > tolerance)).sum())}
 
 
 def measure_vq_step(codebook_size: int, tokens: int, dim: int, repeats: int, device: torch.device) -> dict[str, Any]:
@@ -181,6 +198,7 @@ def measure_vq_step(codebook_size: int, tokens: int, dim: int, repeats: int, dev
         "seconds": seconds,
         "peak_mib": peak_bytes / 2**20,
         "memory_method": meter.method,
+        "process_peak_mib": _status_kib("VmHWM") / 1024 if device.type == "cpu" else float("nan"),
         "threads": torch.get_num_threads(),
     }
 
@@ -292,6 +310,12 @@ def _run_case(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_indices(result: dict[str, Any]) -> str:
+    if result["wrong"]:
+        return f"NO ({result['wrong']})"
+    return "yes" if result["mismatches"] == 0 else f"ties {result['mismatches']}"
+
+
 def _fmt_seconds(seconds: float) -> str:
     return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
@@ -338,8 +362,7 @@ def run(args: argparse.Namespace) -> int:
         )
         for r in results["search"]:
             base = (
-                f"{_fmt_seconds(r['baseline_seconds']):>10} {r['baseline_ratio']:>6.0%} "
-                f"{'yes' if r['mismatches'] == 0 else str(r['mismatches']) + ' diff':>8}"
+                f"{_fmt_seconds(r['baseline_seconds']):>10} {r['baseline_ratio']:>6.0%} {_same_indices(r):>8}"
                 if "baseline_seconds" in r
                 else f"{'-':>10} {'-':>6} {'-':>8}"
             )
@@ -363,22 +386,33 @@ def run(args: argparse.Namespace) -> int:
             res = _run_child(f"{kind}:{k}:{n}", args, f"[{i}/{len(vq_cases)}] K = {k}, N = {n}", expected)
             res["memory_check"] = kind == "vqonce"
             results["vq"].append(res)
-        print(f"\n{'K':>8} {'N':>7} {'time':>9} {'peak mem':>10}")
+        print(f"\n{'K':>8} {'N':>7} {'time':>9} {'peak mem':>10} {'process peak':>13}")
         for r in results["vq"]:
-            line = f"{r['K']:>8} {r['N']:>7} {_fmt_seconds(r['seconds']):>9} {r['peak_mib']:>6.0f} MiB"
+            line = (
+                f"{r['K']:>8} {r['N']:>7} {_fmt_seconds(r['seconds']):>9} {r['peak_mib']:>6.0f} MiB "
+                f"{r['process_peak_mib']:>9.0f} MiB"
+            )
             if r["memory_check"]:
                 ok = r["peak_mib"] <= args.memory_limit_gib * 1024
                 failed |= not ok
                 line += f"   memory check: {'PASS' if ok else 'FAIL'} (limit {args.memory_limit_gib:g} GiB)"
             print(line)
-        print(f"(peak memory: {results['vq'][0]['memory_method']})")
+        print(
+            f"(peak mem: {results['vq'][0]['memory_method']} during the first step, on top of the codebook, inputs "
+            "and torch already in memory; process peak: the whole process's peak resident size)"
+        )
     print(f"\ntotal {time.perf_counter() - started:.0f} s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")
-    mismatched = any(r.get("mismatches", 0) for r in results["search"])
+    mismatched = any(r.get("wrong", 0) for r in results["search"])
     if mismatched:
         print("error: nearest_codes disagreed with the brute-force argmin (see 'same idx')", file=sys.stderr)
+    elif any(r.get("mismatches", 0) for r in results["search"]):
+        print(
+            "'ties N': N rows where two codes are equally near to within fp32 rounding and the two orders of "
+            "summation picked different ones"
+        )
     return 1 if mismatched or (args.memory_check and failed) else 0
 
 

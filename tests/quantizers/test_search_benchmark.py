@@ -1,0 +1,79 @@
+"""The search benchmark and the ``fvq bench`` command: measurements, the brute-force check, dispatch."""
+
+import argparse
+
+import pytest
+import torch
+
+from fvq.cli import main
+from fvq.commands import bench
+from fvq.quantizers import search_benchmark
+
+
+def test_measure_search_agrees_with_brute_force():
+    result = search_benchmark.measure_search(300, 64, 16, 1, torch.device("cpu"), baseline_max_bytes=2**30)
+    assert result["K"] == 300 and result["N"] == 64 and result["D"] == 16
+    assert result["seconds"] > 0 and result["gflops"] > 0 and result["sgemm_gflops"] > 0
+    assert result["wrong"] == 0
+    assert result["peak_mib"] >= 0
+
+
+def test_compare_with_brute_force_flags_a_wrong_index():
+    z = torch.tensor([[0.0, 0.0], [5.0, 5.0]])
+    codebook = torch.tensor([[0.0, 0.0], [5.0, 5.0], [9.0, 9.0]])
+    assert search_benchmark._compare_with_brute_force(z, codebook, torch.tensor([0, 1])) == {
+        "mismatches": 0,
+        "wrong": 0,
+    }
+    assert search_benchmark._compare_with_brute_force(z, codebook, torch.tensor([0, 2])) == {
+        "mismatches": 1,
+        "wrong": 1,
+    }
+
+
+def test_measure_vq_step_reports_time_and_memory():
+    result = search_benchmark.measure_vq_step(128, 32, 8, 1, torch.device("cpu"))
+    assert result["seconds"] > 0 and result["peak_mib"] >= 0 and result["memory_method"]
+
+
+def test_peak_memory_sees_a_large_allocation():
+    meter = search_benchmark.PeakMemory(torch.device("cpu"))
+    meter.start()
+    block = torch.ones(32 * 2**20 // 4)  # 32 MiB, touched
+    peak = meter.stop()
+    del block
+    assert peak >= 24 * 2**20
+
+
+def test_vq_case_parsing():
+    assert search_benchmark._vq_case("16384:8192") == (16384, 8192)
+    with pytest.raises(argparse.ArgumentTypeError, match="K:N"):
+        search_benchmark._vq_case("16384x8192")
+
+
+def test_bench_without_a_name_lists_the_benchmarks(capsys):
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert "search" in err and "quantizers" in err
+
+
+def test_bench_reports_a_missing_benchmark_module(monkeypatch, capsys):
+    monkeypatch.setitem(bench.BENCHMARKS, "quantizers", ("fvq.quantizers.no_such_benchmark", "missing"))
+    assert main(["bench", "quantizers"]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+def test_bench_search_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "search", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--memory-check" in out and "--codebook-sizes" in out
+
+
+@pytest.mark.slow
+def test_bench_search_end_to_end(capsys):
+    code = main(["bench", "search", "--tokens", "64", "--dim", "8", "--codebook-sizes", "200", "--vq", "300:50"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "nearest_codes" in out and "VectorQuantizer" in out and "yes" in out
