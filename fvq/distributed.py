@@ -1,10 +1,13 @@
-"""Small collective helpers that are no-ops in a single process.
+"""Process-group setup and small collective helpers that are no-ops in a single process.
 
 Modules that keep state which must agree across ranks (EMA codebooks, k-means initialisation, dead-code restarts,
 usage histograms) and the trainer use these, so one code path serves one process and many under ``torchrun``.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -86,4 +89,85 @@ def all_gather_tensor(tensor: Tensor) -> list[Tensor]:
         return [tensor]
     out = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(out, tensor.contiguous())
+    return out
+
+
+@dataclass
+class DistributedContext:
+    """Where this process runs.
+
+    Attributes:
+        rank: Global rank (0 without torchrun).
+        world_size: Number of processes (1 without torchrun).
+        local_rank: Rank on this machine (selects the CUDA device).
+        device: Device this rank computes on.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistributedContext:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE > 1``); otherwise a single process.
+
+    Args:
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("device=cuda was asked for but CUDA is not available; use device=cpu or device=auto")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalar metrics over ranks (identity in a single process)."""
+    if not values or not (dist.is_available() and dist.is_initialized()):
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t /= dist.get_world_size()
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on at least one rank (so all ranks take the same branch)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj`` (a list of one element in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
     return out

@@ -95,9 +95,9 @@ def data_config_from_arg(data: str | None, run_config: dict[str, Any]) -> dict[s
 
 
 def run(args: argparse.Namespace) -> int:
+    from fvq.distributed import cleanup_distributed, init_distributed
     from fvq.evaluation.evaluate import evaluate
     from fvq.models.loading import load_tokenizer
-    from fvq.training.distributed import cleanup_distributed, init_distributed
 
     for name in ("image_size", "num_images", "batch_size"):
         value = getattr(args, name)

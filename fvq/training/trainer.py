@@ -23,10 +23,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from fvq.quantizers.usage import CodebookUsage
-from fvq.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from fvq.training.config import TrainConfig
-from fvq.training.distributed import (
+from fvq.distributed import (
     DistributedContext,
     all_gather_objects,
     all_reduce_mean,
@@ -35,6 +32,9 @@ from fvq.training.distributed import (
     cleanup_distributed,
     init_distributed,
 )
+from fvq.quantizers.usage import CodebookUsage
+from fvq.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fvq.training.config import TrainConfig
 from fvq.training.logging import MetricLogger
 from fvq.training.lr_schedule import AnnealingSchedule
 
