@@ -95,6 +95,17 @@ def psnr_per_image(images: Tensor, reconstructions: Tensor) -> Tensor:
     return 10.0 * torch.log10(255.0**2 / mse)
 
 
+@torch.no_grad()
+def distinct_code_metrics(quantizer: nn.Module) -> dict[str, float]:
+    """``val/distinct_codes``: how many different vectors the search codebook holds. Identical codes can never all
+    be used (ties go to the lowest index), so this bounds usage from above; empty for implicit codebooks."""
+    codebook_vectors = getattr(quantizer, "codebook_vectors", None)
+    if not callable(codebook_vectors):
+        return {}
+    codes = codebook_vectors()
+    return {"val/distinct_codes": float(torch.unique(codes.float(), dim=0).shape[0])}
+
+
 class Trainer:
     """Trains a :class:`fvq.models.Tokenizer` with :class:`fvq.losses.TokenizerLoss`.
 
@@ -308,6 +319,7 @@ class Trainer:
         in_sync = self.replicas_in_sync()
         metrics = {
             "val/replicas_in_sync": float(in_sync),
+            **distinct_code_metrics(quantizer),
             "val/usage": report.usage,
             "val/perplexity": report.perplexity,
             "val/dead_codes": float(report.dead_codes),
