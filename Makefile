@@ -30,7 +30,7 @@ $(FID_STAMP): | $(STAMP)
 	@touch $(FID_STAMP)
 
 demo: $(STAMP) $(WEIGHTS)
-	$(VENV)/bin/fvq toy --out runs/toy
+	$(VENV)/bin/fvq train tiny_fvq --out runs/demo --overwrite
 
 test: $(STAMP) $(WEIGHTS)
 	FVQ_REQUIRE_LPIPS_WEIGHTS=1 FVQ_REQUIRE_FID_INCEPTION=1 $(PY) -m pytest -q -m "not slow"

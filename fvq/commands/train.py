@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run directory (logs, pictures, metrics.json, checkpoints/)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument(
+        "--overwrite", action="store_true", help="delete a previous run's outputs in --out and start over"
+    )
+    parser.add_argument(
         "--stop-after",
         type=int,
         metavar="STEPS",
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from fvq.training.trainer import train
 
     config = load_config(args.config, args.overrides)
-    result = train(config, args.out, resume=args.resume, max_steps=args.stop_after)
+    result = train(config, args.out, resume=args.resume, max_steps=args.stop_after, overwrite=args.overwrite)
     if not result.is_main:
         return 0
     if result.metrics:

@@ -127,6 +127,8 @@ class VQBridge(nn.Module):
             learned constant vector plus a fixed sin-cos position embedding, as the released checkpoints).
         compress_norm: Apply the LayerNorm after compression of the paper's eq. 8 (the published code has none).
         expand_init: ``"zeros"`` (published: the bridge outputs 0 at step 0) or ``"xavier"``.
+        expand_gain: Gain of the xavier init of the expansion (``expand_init="xavier"`` only). A small gain keeps
+            the mapped codes near 0 at step 0, as the zero init does, while making them all distinct.
 
     Shapes: input and output ``(K, D)``; internally ``(1, K / group_size, hidden_dim)`` tokens.
     """
@@ -143,6 +145,7 @@ class VQBridge(nn.Module):
         block: str = "vit",
         compress_norm: bool = False,
         expand_init: str = "zeros",
+        expand_gain: float = 1.0,
     ) -> None:
         super().__init__()
         group_size = default_group_size(codebook_size) if group_size is None else group_size
@@ -178,9 +181,11 @@ class VQBridge(nn.Module):
             self.cond = None
             self.pos_embed = None
             self.final_modulation = None
-        self._init_weights(expand_init)
+        if expand_gain <= 0:
+            raise ValueError(f"expand_gain must be > 0, got {expand_gain}")
+        self._init_weights(expand_init, expand_gain)
 
-    def _init_weights(self, expand_init: str) -> None:
+    def _init_weights(self, expand_init: str, expand_gain: float) -> None:
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -191,6 +196,8 @@ class VQBridge(nn.Module):
                 nn.init.zeros_(blk.modulation[-1].bias)
             nn.init.zeros_(self.final_modulation[-1].weight)
             nn.init.zeros_(self.final_modulation[-1].bias)
+        if expand_init == "xavier":
+            nn.init.xavier_uniform_(self.expand.weight, gain=expand_gain)
         if expand_init == "zeros":
             nn.init.zeros_(self.expand.weight)
             nn.init.zeros_(self.expand.bias)

@@ -507,13 +507,43 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
-def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, max_steps: int | None = None) -> TrainResult:
-    """Train a tokenizer; ``resume=True`` continues from the newest checkpoint in ``run_dir/checkpoints``.
+RUN_OUTPUTS = ("checkpoints", "log.jsonl", "metrics.json", "tensorboard", "reconstructions.png", "val_code_counts.pt")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
+    """Refuse to mix two runs in one folder: a folder with a previous run needs ``resume`` or ``overwrite``."""
+    previous = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if resume or not previous:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"{run_dir} already holds a run ({', '.join(previous)}); continue it with --resume, start over with "
+            f"--overwrite, or choose another --out"
+        )
+    if is_main:
+        import shutil
+
+        for name in previous:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    barrier()
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    max_steps: int | None = None,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Train a tokenizer; ``resume=True`` continues from the newest checkpoint in ``run_dir/checkpoints``,
+    ``overwrite=True`` deletes a previous run's outputs in ``run_dir`` first.
 
     Launch under ``torchrun --nproc_per_node N -m fvq train ...`` for several processes: the code path is the same.
     """
     ctx = init_distributed(config.device)
     try:
+        prepare_run_dir(Path(run_dir), resume, overwrite, ctx.is_main)
         trainer = Trainer(config, run_dir, ctx)
         if resume:
             path = latest_checkpoint(Path(run_dir) / "checkpoints")

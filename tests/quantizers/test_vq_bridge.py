@@ -81,3 +81,19 @@ def test_bad_group_size_and_shapes():
         bridge(torch.randn(32, 8))
     with pytest.raises(ValueError, match="block"):
         VQBridge(64, 8, group_size=8, block="mamba")
+
+
+def test_small_random_expansion_makes_every_code_distinct_and_near_zero():
+    torch.manual_seed(0)
+    codebook = torch.rand(256, 16) * 2 - 1
+    zero = VQBridge(256, 16, group_size=16, hidden_dim=32, num_heads=4)
+    small = VQBridge(256, 16, group_size=16, hidden_dim=32, num_heads=4, expand_init="xavier", expand_gain=0.01)
+    full = VQBridge(256, 16, group_size=16, hidden_dim=32, num_heads=4, expand_init="xavier")
+    with torch.no_grad():
+        assert torch.unique(zero(codebook), dim=0).shape[0] == 1  # published init: every code identical at step 0
+        small_codes, full_codes = small(codebook), full(codebook)
+    assert torch.unique(small_codes, dim=0).shape[0] == 256
+    ratio = small_codes.norm(dim=1).mean() / full_codes.norm(dim=1).mean()
+    assert 0.005 < ratio < 0.02  # the gain scales the mapped codes
+    with pytest.raises(ValueError, match="expand_gain"):
+        VQBridge(256, 16, group_size=16, expand_gain=0.0)

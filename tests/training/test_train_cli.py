@@ -72,6 +72,15 @@ def test_resume_refuses_a_different_config(tmp_path, capsys):
     assert "differs from the checkpoint" in capsys.readouterr().err
 
 
+def test_a_second_run_into_the_same_folder_needs_resume_or_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "tiny_fvq", "--out", str(run), "--stop-after", "1", *TINY]) == 0
+    assert main(["train", "tiny_fvq", "--out", str(run), "--stop-after", "1", *TINY]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "tiny_fvq", "--out", str(run), "--stop-after", "1", "--overwrite", *TINY]) == 0
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1  # the old run's log is gone
+
+
 def test_bad_override_and_unknown_key(tmp_path, capsys):
     assert main(["train", "tiny_fvq", "--out", str(tmp_path), "optim.learning_rate=1"]) == 2
     assert "unknown config key" in capsys.readouterr().err
