@@ -472,10 +472,13 @@ class Trainer:
             if cfg.val_every and (self.step % cfg.val_every == 0 or last):
                 self.val_metrics = self.validate(self.step)
                 self.logger.log(self.step, self.val_metrics)
-                bar.write(
-                    f"step {self.step}: held-out usage {self.val_metrics['val/usage']:.2%}, "
-                    f"perplexity {self.val_metrics['val/perplexity']:.1f}, PSNR {self.val_metrics['val/psnr']:.2f} dB"
-                ) if self.ctx.is_main else None
+                if self.ctx.is_main:
+                    m = self.val_metrics
+                    bar.write(
+                        f"step {self.step}: held-out usage {m['val/usage']:.2%} "
+                        f"({int(m.get('val/distinct_codes', -1))} distinct codes), "
+                        f"perplexity {m['val/perplexity']:.1f}, PSNR {m['val/psnr']:.2f} dB"
+                    )
             if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last or self.step == end:
                 self.save_checkpoint()
         bar.close()
