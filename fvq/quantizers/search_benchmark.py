@@ -36,7 +36,7 @@ from fvq.quantizers.functional import nearest_codes
 from fvq.quantizers.vq import VectorQuantizer
 
 DEFAULT_CODEBOOK_SIZES = (4096, 16_384, 65_536, 262_144)
-DEFAULT_VQ_CASES = ("16384:8192", "262144:2048")  # the shapes, K:N
+DEFAULT_VQ_CASES = ("16384:8192", "262144:2048")  # K:N, the shapes quoted for vector-quantize-pytorch
 MEMORY_CHECK_CASE = "262144:32768"
 
 
