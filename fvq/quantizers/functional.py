@@ -198,9 +198,8 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
         z: ``(N, D)`` query vectors, any float dtype.
         codebook: ``(K, D)`` code vectors, ``K >= 1``, on the same device as ``z``.
         max_chunk_bytes: Upper bound in bytes on one fp32 distance block (at least 4). Within it, the block shape
-            is chosen for speed (cache-sized on CPU). Besides the block, the search holds the augmented codebook
-            (``K x (D + 1)`` floats, the size of an fp32 copy of the codebook), ``rows x (D + 1)`` floats of
-            augmented queries and ``O(N + K)`` small vectors.
+            is chosen for speed (cache-sized on CPU). Besides the block, the search holds ``(rows + codes) x (D + 1)``
+            floats of augmented operands and ``O(N + K)`` small vectors.
 
     Returns:
         ``(N,)`` int64 indices into ``codebook``.
@@ -223,10 +222,7 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
         slots = sum((split > 0) + (split < width) for _, width, split in blocks)  # partial minima per row
         f32 = {"dtype": torch.float32, "device": device}
         z_aug = torch.ones(rows, d + 1, **f32)  # [-2 z_i, 1]; column D stays 1
-        code_aug = torch.empty(k, d + 1, **f32)  # [c_k, ||c_k||^2], built once rather than once per row block
-        for j in range(0, k, _NORM_CHUNK):
-            code_aug[j : j + _NORM_CHUNK, :d].copy_(codebook[j : j + _NORM_CHUNK])
-        code_aug[:, d].copy_(code_sq)
+        code_aug = torch.empty(codes, d + 1, **f32)  # [c_k, ||c_k||^2]
         block_buf = torch.empty(rows * codes, **f32)  # one (rows, codes) distance block
         group_buf = torch.empty(rows * max(1, codes // _ARGMIN_GROUP), **f32)
         best_val = torch.empty(rows, slots, **f32)  # (rows, slots) partial minima, in index order
@@ -236,8 +232,10 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
             z_aug[:r, :d].copy_(z[i : i + r]).mul_(-2.0)  # (r, D), cast to fp32 before the exact scaling
             slot = 0
             for start, width, split in blocks:
+                code_aug[:width, :d].copy_(codebook[start : start + width])  # (w, D)
+                code_aug[:width, d].copy_(code_sq[start : start + width])  # (w,)
                 dist = block_buf[: r * width].view(r, width)  # (r, w): ||c||^2 - 2 z.c
-                torch.mm(z_aug[:r], code_aug[start : start + width].t(), out=dist)
+                torch.mm(z_aug[:r], code_aug[:width].t(), out=dist)
                 if split > 0:
                     value, index = _block_min(dist[:, :split], group_buf)  # (r,), (r,)
                     best_val[:r, slot], best_idx[:r, slot] = value, index + start
