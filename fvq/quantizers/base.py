@@ -72,9 +72,10 @@ def channels_last_flat(z: Tensor, dim: int, name: str = "z") -> tuple[Tensor, tu
 
 
 def restore_layout(flat: Tensor, grid: tuple[int, ...]) -> Tensor:
-    """Inverse of :func:`channels_last_flat`: ``(N, D)`` vectors back to ``(B, D, H, W)`` or ``(N, D)``."""
-    if len(grid) == 1:
-        return flat
+    """Inverse of :func:`channels_last_flat`: ``(N, D)`` vectors back to ``(B, D, H, W)`` for a ``(B, H, W)`` grid,
+    else to ``(*grid, D)`` (``(N, D)`` for vectors)."""
+    if len(grid) != 3:
+        return flat.reshape(*grid, flat.shape[-1])
     b, h, w = grid
     return flat.reshape(b, h, w, flat.shape[-1]).permute(0, 3, 1, 2)
 

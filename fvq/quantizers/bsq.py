@@ -28,9 +28,9 @@ from fvq.quantizers.base import (
 from fvq.quantizers.functional import straight_through
 from fvq.quantizers.implicit import (
     MAX_ID_BITS,
-    binary_entropy_terms,
     bits_to_ids,
     entropy_groups,
+    entropy_penalty,
     ids_to_bits,
     implicit_code_metrics,
 )
@@ -114,10 +114,10 @@ class BinarySphericalQuantizer(Quantizer):
         metrics = implicit_code_metrics(ids, self.codebook_size)
         if self.entropy_weight != 0:
             bit_logits = 4.0 * self.scale * u / self.temperature  # (N, L)
-            h_sample, h_codebook = binary_entropy_terms(bit_logits, self.entropy_group_sizes, sync=self.sync_entropy)
-            losses["entropy"] = h_sample - self.diversity_weight * h_codebook
-            metrics["per_sample_entropy"] = h_sample.detach()
-            metrics["codebook_entropy"] = h_codebook.detach()
+            losses["entropy"], entropy_metrics = entropy_penalty(
+                bit_logits, self.entropy_group_sizes, self.diversity_weight, sync=self.sync_entropy
+            )
+            metrics.update(entropy_metrics)
         loss = weighted_total(losses, {"commitment": self.commitment_weight, "entropy": self.entropy_weight}, like=u)
         out = self.project_out(straight_through(u, q)).to(flat.dtype)  # (N, D)
         return QuantizerOutput(
@@ -134,9 +134,7 @@ class BinarySphericalQuantizer(Quantizer):
         grid = tuple(indices.shape)
         q = self.bits_to_codes(ids_to_bits(indices.reshape(-1), self.num_bits))  # (N, L)
         flat = self.project_out(q)  # (N, D)
-        if len(grid) == 3:
-            return restore_layout(flat, grid)
-        return flat.reshape(*grid, self.codebook_dim)
+        return restore_layout(flat, grid)
 
     def extra_repr(self) -> str:
         return (

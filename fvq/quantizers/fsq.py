@@ -122,9 +122,7 @@ class FiniteScalarQuantizer(Quantizer):
         codes = self.indices_to_codes(indices)  # (..., d)
         grid = tuple(indices.shape)
         flat = self.project_out(codes.reshape(-1, self.num_channels))  # (N, D)
-        if len(grid) == 3:
-            return restore_layout(flat, grid)
-        return flat.reshape(*grid, self.codebook_dim)
+        return restore_layout(flat, grid)
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}"

@@ -132,6 +132,16 @@ def binary_entropy_terms(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # metrics
+def entropy_penalty(
+    bit_logits: Tensor, group_sizes: list[int], diversity_weight: float, sync: bool
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The LFQ / BSQ entropy term ``H(q | z) - diversity_weight * H(q)`` from per-bit logits ``(N, L)``, and its two
+    parts as detached metrics (``per_sample_entropy``, ``codebook_entropy``)."""
+    h_sample, h_codebook = binary_entropy_terms(bit_logits, group_sizes, sync=sync)
+    metrics = {"per_sample_entropy": h_sample.detach(), "codebook_entropy": h_codebook.detach()}
+    return h_sample - diversity_weight * h_codebook, metrics
+
+
 def implicit_code_metrics(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
     """Batch usage (distinct ids / K) and perplexity of ``indices``, for codebooks too large for a histogram."""
     with torch.no_grad():

@@ -27,9 +27,9 @@ from fvq.quantizers.base import (
 from fvq.quantizers.functional import straight_through
 from fvq.quantizers.implicit import (
     MAX_ID_BITS,
-    binary_entropy_terms,
     bits_to_ids,
     entropy_groups,
+    entropy_penalty,
     ids_to_bits,
     implicit_code_metrics,
 )
@@ -123,10 +123,10 @@ class LookupFreeQuantizer(Quantizer):
         if self.entropy_weight != 0:
             # logit of bit d: (2 v_d s - (-2 v_d s)) / tau
             bit_logits = 4.0 * self.codebook_scale * v / self.temperature  # (N, L)
-            h_sample, h_codebook = binary_entropy_terms(bit_logits, self.entropy_group_sizes, sync=self.sync_entropy)
-            losses["entropy"] = h_sample - self.diversity_weight * h_codebook
-            metrics["per_sample_entropy"] = h_sample.detach()
-            metrics["codebook_entropy"] = h_codebook.detach()
+            losses["entropy"], entropy_metrics = entropy_penalty(
+                bit_logits, self.entropy_group_sizes, self.diversity_weight, sync=self.sync_entropy
+            )
+            metrics.update(entropy_metrics)
         loss = weighted_total(losses, {"commitment": self.commitment_weight, "entropy": self.entropy_weight}, like=v)
         out = self.project_out(straight_through(v, q)).to(flat.dtype)  # (N, D)
         return QuantizerOutput(
@@ -143,9 +143,7 @@ class LookupFreeQuantizer(Quantizer):
         grid = tuple(indices.shape)
         q = self.bits_to_codes(ids_to_bits(indices.reshape(-1), self.num_bits))  # (N, L)
         flat = self.project_out(q)  # (N, D)
-        if len(grid) == 3:
-            return restore_layout(flat, grid)
-        return flat.reshape(*grid, self.codebook_dim)
+        return restore_layout(flat, grid)
 
     def extra_repr(self) -> str:
         return (

@@ -467,9 +467,7 @@ class VectorQuantizer(Quantizer):
         codes = self.codebook_vectors()
         flat = codes.index_select(0, indices.reshape(-1).long())  # (N, D)
         grid = tuple(indices.shape)
-        if len(grid) == 3:
-            return restore_layout(flat, grid)
-        return flat.reshape(*grid, self.codebook_dim)
+        return restore_layout(flat, grid)
 
     @torch.no_grad()
     def export(self) -> VectorQuantizer:

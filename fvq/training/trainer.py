@@ -32,6 +32,8 @@ from fvq.distributed import (
     cleanup_distributed,
     init_distributed,
 )
+from fvq.evaluation.evaluate import PSNR_CAP
+from fvq.evaluation.metrics import psnr
 from fvq.quantizers.usage import CodebookUsage
 from fvq.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fvq.training.config import TrainConfig
@@ -85,14 +87,6 @@ def _grads_finite(module: nn.Module) -> bool:
 
 def _params_finite(module: nn.Module) -> bool:
     return all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point())
-
-
-def psnr_per_image(images: Tensor, reconstructions: Tensor) -> Tensor:
-    """PSNR (dB) of each image, on 8-bit quantised RGB (``(B,)``); images in [-1, 1]."""
-    a = ((images.float().clamp(-1, 1) + 1) * 127.5).round()
-    b = ((reconstructions.float().clamp(-1, 1) + 1) * 127.5).round()
-    mse = (a - b).square().flatten(1).mean(dim=1).clamp_min(1e-10)
-    return 10.0 * torch.log10(255.0**2 / mse)
 
 
 @torch.no_grad()
@@ -308,7 +302,7 @@ class Trainer:
                 out = model(images)
             recon = out.reconstruction.float()
             usage.update(out.quantizer.indices)
-            psnr_sum += psnr_per_image(images, recon).double().sum()
+            psnr_sum += psnr(images, recon).clamp(max=PSNR_CAP).sum()  # 8-bit RGB, as fvq eval
             count += images.shape[0]
             if first is None:
                 first = (images[:16].cpu(), recon[:16].cpu())
