@@ -526,6 +526,18 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool)
     barrier()
 
 
+def flush_denormals() -> bool:
+    """Treat subnormal floats as zero on this CPU (x86 FTZ/DAZ); returns whether the CPU supports it.
+
+    Training drives some values into the subnormal range (softmax weights of peaked attention in the VQBridge, Adam
+    moments of parameters that stopped receiving gradient), and CPU kernels run 10-100x slower on them: a trained
+    VQBridge's attention backward at 1,024 tokens took 218 ms instead of 16 ms. The flag is per thread and worker
+    threads copy it when they are created, so this must run before the first parallel operation of the process;
+    :func:`train` calls it first thing.
+    """
+    return bool(torch.set_flush_denormal(True))
+
+
 def train(
     config: TrainConfig,
     run_dir: str | Path,
@@ -538,6 +550,7 @@ def train(
 
     Launch under ``torchrun --nproc_per_node N -m fvq train ...`` for several processes: the code path is the same.
     """
+    flush_denormals()
     ctx = init_distributed(config.device)
     try:
         prepare_run_dir(Path(run_dir), resume, overwrite, ctx.is_main)
