@@ -188,6 +188,7 @@ class EmbeddedPhotos(Dataset):
             )
         self._photo_labels = [list(PHOTOS).index(name) for name in self.photo_names]
         self._epoch = SharedEpoch()
+        self._resized: dict[tuple[int, int], Image.Image] = {}  # (photo, short side) -> resized photo
 
     def __len__(self) -> int:
         return self.length
@@ -218,5 +219,9 @@ class EmbeddedPhotos(Dataset):
 
     def __getitem__(self, index: int) -> ImageSample:
         photo, params = self._draw(index)
-        crop = self.crop.apply(self.images[photo], params)
+        key = (photo, params.short_side)
+        resized = self._resized.get(key)
+        if resized is None:  # a few dozen sizes per photo: resize each once, not once per crop
+            resized = self._resized[key] = self.crop.resize(self.images[photo], params.short_side)
+        crop = self.crop.crop_resized(resized, params)
         return make_sample(to_tensor(crop), self._photo_labels[photo])  # image: (3, S, S)

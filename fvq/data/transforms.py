@@ -169,8 +169,16 @@ class RandomResizedCropPaper:
 
     def apply(self, image: Image.Image, params: CropParams) -> Image.Image:
         """Apply drawn crop parameters: BOX halving, bicubic resize, crop, optional flip."""
+        return self.crop_resized(self.resize(image, params.short_side), params)
+
+    @staticmethod
+    def resize(image: Image.Image, short_side: int) -> Image.Image:
+        """The resizing step of :meth:`apply` alone (BOX halving, then bicubic to ``short_side``)."""
         _check_rgb(image)
-        resized = resize_short_side(adm_box_reduce(image, params.short_side), params.short_side)
+        return resize_short_side(adm_box_reduce(image, short_side), short_side)
+
+    def crop_resized(self, resized: Image.Image, params: CropParams) -> Image.Image:
+        """The crop and flip steps of :meth:`apply`, on an image already resized to ``params.short_side``."""
         crop = resized.crop((params.left, params.top, params.left + self.size, params.top + self.size))
         return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if params.flip else crop
 
