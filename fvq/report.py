@@ -36,9 +36,10 @@ _VAL_ROWS: dict[str, tuple[str, str, str]] = {
     "val/usage": ("Codebook usage", "percent", "codes used at least once over the whole held-out set"),
     "val/perplexity": ("Perplexity", "perplexity", "exp(entropy) of the held-out code histogram; K = uniform use"),
     "val/dead_codes": ("Dead codes", "int", "codes never used on the held-out set"),
-    "val/psnr": ("PSNR", "db", "RGB PSNR on 8-bit images, mean over held-out images"),
+    "val/psnr": ("PSNR", "db", "RGB PSNR on 8-bit images, mean over the decoded held-out images"),
     "val/tokens": ("Tokens", "int", "held-out tokens counted"),
-    "val/images": ("Images", "int", "held-out images"),
+    "val/images": ("Images", "int", "held-out images (all counted for usage)"),
+    "val/psnr_images": ("Decoded images", "int", "held-out images decoded for PSNR (the first ones)"),
     "val/replicas_in_sync": ("Replicas in sync", "bool", "all ranks hold bit-identical weights and codebooks"),
 }
 

@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         m = result.metrics
         print(
             f"held-out usage {m['val/usage']:.2%} ({int(m['val/tokens'])} tokens, {int(m['val/dead_codes'])} dead "
-            f"codes), perplexity {m['val/perplexity']:.1f}, PSNR {m['val/psnr']:.2f} dB"
+            f"codes), perplexity {m['val/perplexity']:.1f}, PSNR {m['val/psnr']:.2f} dB "
+            f"({int(m.get('val/psnr_images', m['val/images']))} images)"
         )
     print(f"run directory: {result.run_dir}")
     print(f"  checkpoint:      {result.checkpoint}")

@@ -78,6 +78,8 @@ class TrainConfig:
         keep_checkpoints: How many recent checkpoints to keep.
         max_nonfinite_steps: Stop after this many consecutive steps with a non-finite loss (each is skipped).
         val_batch_size: Batch size per rank for validation.
+        val_psnr_images: Decode only the first this many held-out images for PSNR and the reconstruction grid (usage
+            always counts the whole set, which only needs the encoder); ``None`` decodes all.
         tensorboard: Also write TensorBoard scalars (when tensorboard is installed).
     """
 
@@ -104,6 +106,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_nonfinite_steps: int = 5
     val_batch_size: int = 64
+    val_psnr_images: int | None = None
     tensorboard: bool = True
 
     def validate(self) -> None:
@@ -117,6 +120,8 @@ class TrainConfig:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.val_psnr_images is not None and self.val_psnr_images < 1:
+            raise ValueError(f"val_psnr_images must be >= 1 or null (all), got {self.val_psnr_images}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         for name in ("model", "quantizer", "data"):

@@ -295,17 +295,25 @@ class Trainer:
             self.val_set, list(range(self.ctx.rank, len(self.val_set), self.ctx.world_size))
         )
         loader = torch.utils.data.DataLoader(shard, batch_size=self.config.val_batch_size, shuffle=False)
+        # held-out image i (global index) is also decoded when i < limit: PSNR and the grid come from those
+        limit = len(self.val_set) if self.config.val_psnr_images is None else self.config.val_psnr_images
         first: tuple[Tensor, Tensor] | None = None
+        position = 0  # items of this rank's shard seen so far
         for batch in loader:
             images = _images_of(batch).to(self.device)
+            global_index = self.ctx.rank + self.ctx.world_size * (position + torch.arange(images.shape[0]))
+            decoded = int((global_index < limit).sum())  # a prefix of the batch
+            position += images.shape[0]
             with self._autocast():
-                out = model(images)
-            recon = out.reconstruction.float()
-            usage.update(out.quantizer.indices)
-            psnr_sum += psnr(images, recon).clamp(max=PSNR_CAP).sum()  # 8-bit RGB, as fvq eval
-            count += images.shape[0]
+                quantized = model.quantizer(model.encode_latents(images))
+                usage.update(quantized.indices)
+                if decoded == 0:
+                    continue
+                recon = model.decode_latents(quantized.quantized[:decoded]).float()
+            psnr_sum += psnr(images[:decoded], recon).clamp(max=PSNR_CAP).sum()  # 8-bit RGB, as fvq eval
+            count += decoded
             if first is None:
-                first = (images[:16].cpu(), recon[:16].cpu())
+                first = (images[: min(decoded, 16)].cpu(), recon[:16].cpu())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(psnr_sum)
             torch.distributed.all_reduce(count)
@@ -319,7 +327,8 @@ class Trainer:
             "val/dead_codes": float(report.dead_codes),
             "val/tokens": float(report.num_tokens),
             "val/psnr": float(psnr_sum / count.clamp_min(1)),
-            "val/images": float(count),
+            "val/images": float(len(self.val_set)),
+            "val/psnr_images": float(count),
         }
         if self.ctx.is_main:
             from fvq.visualize import save_reconstruction_grid

@@ -26,6 +26,7 @@ TINY = [
     "checkpoint_every=2",
     "log_every=1",
     "val_batch_size=8",
+    "val_psnr_images=5",
     "tensorboard=false",
     "loss.adversarial_weight=0.5",
     "loss.adversarial_start=2",
@@ -57,6 +58,7 @@ def test_train_then_resume_matches_uninterrupted(tmp_path):
         assert key in metrics
     assert 0 < metrics["val/usage"] <= 1
     assert metrics["val/tokens"] == 16 * 4 * 4  # every held-out crop counted once: 16 crops of 4 x 4 tokens
+    assert metrics["val/images"] == 16 and metrics["val/psnr_images"] == 5  # usage on all, PSNR on the first 5
     assert (straight / "reconstructions.png").is_file()
     log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
     assert any("train/loss" in r for r in log)
@@ -111,4 +113,5 @@ def test_two_process_gloo_training(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["val/replicas_in_sync"] == 1.0  # codebooks and all weights identical on both ranks
     assert metrics["val/tokens"] == 16 * 4 * 4  # usage gathered over both ranks' halves of the held-out set
+    assert metrics["val/psnr_images"] == 5  # held-out images 0-4, split over the ranks (0, 2, 4 and 1, 3)
     assert _final_state(run)["world_size"] == 2
