@@ -62,3 +62,14 @@ def test_base_size_sets_crop_scale_and_errors():
         EmbeddedPhotos("train", photos=("lena",))
     with pytest.raises(ValueError, match="base_size"):
         EmbeddedPhotos("train", image_size=64, base_size=32)
+
+
+def test_cached_resizes_give_the_same_crops_as_resizing_each_time():
+    from fvq.data.transforms import to_tensor
+
+    ds = EmbeddedPhotos("train", samples_per_epoch=48)
+    for i in range(48):  # many crops share a (photo, short side): later ones come from the cache
+        name, params = ds.describe(i)
+        fresh = to_tensor(ds.crop.apply(ds.images[ds.photo_names.index(name)], params))
+        assert torch.equal(ds[i].image, fresh)
+    assert 0 < len(ds._resized) < 48
