@@ -32,9 +32,10 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal, NamedTuple
+from typing import Any, BinaryIO, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ __all__ = [
     "ImageSample",
     "SharedEpoch",
     "TooManyBadFilesError",
+    "batch_images",
     "decode_image",
     "has_image_extension",
     "to_rgb",
@@ -349,6 +351,18 @@ class ImageSample(NamedTuple):
 
     image: torch.Tensor
     label: torch.Tensor
+
+
+def batch_images(batch: Any) -> torch.Tensor:
+    """The ``(B, 3, H, W)`` images of a collated batch: a tensor, an :class:`ImageSample` or other (image, label)
+    sequence, or a mapping with an ``image`` key."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        return batch["image"]
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    raise TypeError(f"cannot find images in a batch of type {type(batch).__name__}")
 
 
 def make_sample(image: torch.Tensor, label: int) -> ImageSample:

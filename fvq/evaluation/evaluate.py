@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
+from fvq.data.images import batch_images
 from fvq.evaluation.fid import FeatureStats, frechet_distance
 from fvq.evaluation.inception import FIDInception, load_inception
 from fvq.evaluation.metrics import psnr, quantize_8bit, ssim, ssim_dr2, to_unit_range
@@ -628,16 +629,6 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _images_of(batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        return batch["image"]
-    if isinstance(batch, (tuple, list)):
-        return batch[0]
-    raise TypeError(f"cannot find images in a batch of type {type(batch).__name__}")
-
-
 class _Take(IterableDataset):
     """The first ``n`` items of an iterable dataset (this rank's stream)."""
 
@@ -841,7 +832,7 @@ def evaluate(
     bar = tqdm(total=local_count, desc="eval", unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
     with bar:
         for batch in loader:
-            images = _images_of(batch).to(device)  # (B, 3, S, S) in [-1, 1]
+            images = batch_images(batch).to(device)  # (B, 3, S, S) in [-1, 1]
             if seen_size is None:
                 seen_size = int(images.shape[-1])
             out = tokenizer(images)

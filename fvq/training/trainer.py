@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from fvq.data.images import batch_images
 from fvq.distributed import (
     DistributedContext,
     all_gather_objects,
@@ -300,7 +301,7 @@ class Trainer:
         first: tuple[Tensor, Tensor] | None = None
         position = 0  # items of this rank's shard seen so far
         for batch in loader:
-            images = _images_of(batch).to(self.device)
+            images = batch_images(batch).to(self.device)
             global_index = self.ctx.rank + self.ctx.world_size * (position + torch.arange(images.shape[0]))
             decoded = int((global_index < limit).sum())  # a prefix of the batch
             position += images.shape[0]
@@ -416,7 +417,7 @@ class Trainer:
             batches: list[Tensor] = []
             produced = offset
             for batch in self.train_loader:
-                batches.append(_images_of(batch).to(self.device, non_blocking=True))
+                batches.append(batch_images(batch).to(self.device, non_blocking=True))
                 if len(batches) == accum:
                     yield batches
                     batches = []
@@ -494,17 +495,6 @@ class Trainer:
             skipped_steps=self.skipped_steps,
             is_main=self.ctx.is_main,
         )
-
-
-def _images_of(batch: Any) -> Tensor:
-    """Datasets yield images or (image, label) pairs / dicts with an ``image`` key."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, dict):
-        return batch["image"]
-    if isinstance(batch, (list, tuple)):
-        return batch[0]
-    raise TypeError(f"cannot find images in a batch of type {type(batch).__name__}")
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
