@@ -74,12 +74,3 @@ def test_cached_resizes_give_the_same_crops_as_resizing_each_time():
         assert torch.equal(ds[i].image, fresh)
     assert 0 < len(ds._resized) < 48
 
-
-def test_batch_images_finds_the_images_of_every_batch_form():
-    from fvq.data.images import ImageSample, batch_images
-
-    images = torch.zeros(2, 3, 4, 4)
-    for batch in (images, ImageSample(images, torch.zeros(2)), {"image": images}, [images, None]):
-        assert batch_images(batch) is images
-    with pytest.raises(TypeError, match="cannot find images in a batch of type int"):
-        batch_images(3)

@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fvq.data.images import BadFilePolicy, BadImageError, TooManyBadFilesError, decode_image, to_rgb
@@ -121,3 +122,13 @@ def test_policy_zero_fraction_stops_at_first_bad_file():
         policy.record_bad("f.png", "bad")
     with pytest.raises(ValueError, match="max_bad_fraction"):
         BadFilePolicy(max_bad_fraction=1.5)
+
+
+def test_batch_images_finds_the_images_of_every_batch_form():
+    from fvq.data.images import ImageSample, batch_images
+
+    images = torch.zeros(2, 3, 4, 4)
+    for batch in (images, ImageSample(images, torch.zeros(2)), {"image": images}, [images, None]):
+        assert batch_images(batch) is images
+    with pytest.raises(TypeError, match="cannot find images in a batch of type int"):
+        batch_images(3)
