@@ -73,4 +73,3 @@ def test_cached_resizes_give_the_same_crops_as_resizing_each_time():
         fresh = to_tensor(ds.crop.apply(ds.images[ds.photo_names.index(name)], params))
         assert torch.equal(ds[i].image, fresh)
     assert 0 < len(ds._resized) < 48
-
