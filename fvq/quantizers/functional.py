@@ -17,8 +17,10 @@ _CPU_BLOCK_ROWS = 1024
 _CPU_BLOCK_CODES = 2048
 # Codes per group in the two-level block minimum (a multiple of the 16 fp32 lanes of AVX-512).
 _ARGMIN_GROUP = 64
+# Queries per sweep over the codebook: each block of codes is copied into its augmented form once per sweep.
+_SWEEP_ROWS = 16384
 # Codes per chunk when computing ||c||^2 or hashing codes (bounds the (chunk, D) temporaries).
-_NORM_CHUNK = 4096
+_NORM_CHUNK = 1024
 
 
 def _check_search_inputs(z: Tensor, codebook: Tensor, max_chunk_bytes: int) -> None:
@@ -52,7 +54,8 @@ def _check_search_inputs(z: Tensor, codebook: Tensor, max_chunk_bytes: int) -> N
 def _search_block_shape(n: int, k: int, max_chunk_bytes: int, device: torch.device) -> tuple[int, int]:
     """``(rows, codes)`` of one distance block: cache-sized on CPU, as large as allowed elsewhere, within the bound.
 
-    Blocks of codes are whole argmin groups where they can be, so only the last block of a row has a partial group.
+    Blocks of codes are whole argmin groups where they can be, so that only the end of the codebook leaves a tail of
+    fewer than ``_ARGMIN_GROUP`` codes (see :func:`_code_blocks`).
     """
     max_elems = max_chunk_bytes // 4
     if device.type == "cpu":
@@ -146,39 +149,70 @@ def _first_min(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.min(dim=1)  # torch documents the first minimal index on ties
 
 
-def _block_min(block: Tensor, group_min: Tensor) -> tuple[Tensor, Tensor]:
-    """Row minimum and its lowest column of an ``(n, k)`` block with ``k`` a multiple of ``_ARGMIN_GROUP``.
+def _fold_block_min(block: Tensor, start: int, best_val: Tensor, best_idx: Tensor, group_min: Tensor) -> None:
+    """Fold the row minima of one contiguous ``(n, k)`` block of distances, to codes ``start`` onwards, into the
+    running minima of its rows, in place, as ``torch.min`` over all blocks seen so far would give them.
 
-    Two levels, because an indexed min costs about ten times more per element than a plain ``amin`` on CPU: ``amin``
-    over contiguous groups of ``_ARGMIN_GROUP`` columns (one cheap pass over the block while it is in cache), an
-    indexed min over the ``k / group`` group minima (the first group holding the row minimum also holds its lowest
-    column), then an indexed min inside that one group. Same values and indices as ``block.min(dim=1)``.
+    A block replaces a row's minimum only where its own minimum is strictly smaller (ties keep the lower index of an
+    earlier block), or is NaN where the running minimum is not (``torch.min`` returns the first NaN). The row minimum
+    comes from cheap passes: when ``k`` is a multiple of ``_ARGMIN_GROUP``, ``amin`` over contiguous groups of
+    ``_ARGMIN_GROUP`` columns (one pass over the block while it is in cache), then ``amin`` over the ``k / group``
+    group minima. The indexed minimum, several times slower per element on CPU, then runs over the group minima
+    (the first group holding the row minimum also holds its lowest column) and inside that one group, whose columns
+    are fetched as one contiguous row each. On CPU it runs only for the rows this block improves, which after the
+    first blocks are a minority; elsewhere for all rows, as selecting them would wait for the device. A tail of
+    fewer than ``_ARGMIN_GROUP`` codes is reduced directly.
 
     Args:
-        block: ``(n, k)`` fp32 distances (rows may be strided).
+        block: ``(n, k)`` contiguous fp32 distances.
+        start: Index of the block's first code.
+        best_val: ``(n,)`` running minima, updated in place (``+inf`` before the first block).
+        best_idx: ``(n,)`` int64 code of each running minimum, updated in place.
         group_min: Scratch buffer of at least ``n * k / _ARGMIN_GROUP`` floats.
-
-    Returns:
-        ``(n,)`` minima and ``(n,)`` int64 columns.
     """
     n, k = block.shape
     g = _ARGMIN_GROUP
-    groups = block.view(n, k // g, g)  # (n, G, g)
-    minima = group_min[: n * (k // g)].view(n, k // g)  # (n, G)
-    torch.amin(groups, dim=2, out=minima)
-    _, first_group = _first_min(minima)  # (n,)
-    members = groups.gather(1, first_group.view(n, 1, 1).expand(n, 1, g)).view(n, g)  # (n, g)
-    value, offset = _first_min(members)  # (n,), (n,)
-    return value, first_group * g + offset
+    groups = k // g if k % g == 0 else 0
+    if groups:
+        minima = group_min[: n * groups].view(n, groups)  # (n, G)
+        torch.amin(block.view(n, groups, g), dim=2, out=minima)
+        row_min = minima.amin(dim=1)  # (n,)
+    else:
+        row_min, column = _first_min(block)  # (n,), (n,)
+    better = (row_min < best_val) | (row_min.isnan() & ~best_val.isnan())  # (n,)
+    if block.device.type == "cpu":
+        rows = better.nonzero().squeeze(1)  # (p,)
+    else:
+        rows = torch.arange(n, device=block.device)  # (n,)
+    if rows.numel() == 0:
+        return
+    if groups:
+        _, first_group = _first_min(minima.index_select(0, rows))  # (p,)
+        members = block.view(n * groups, g).index_select(0, torch.add(first_group, rows, alpha=groups))  # (p, g)
+        value, offset = _first_min(members)  # (p,), (p,)
+        index = offset.add_(first_group, alpha=g).add_(start)  # (p,)
+    else:
+        value, index = row_min[rows], column[rows].add_(start)  # (p,), (p,)
+    if rows.numel() == n:  # every row: keep the running minimum where this block is not better
+        torch.where(better, value, best_val, out=best_val)
+        torch.where(better, index, best_idx, out=best_idx)
+    else:
+        best_val.index_copy_(0, rows, value)
+        best_idx.index_copy_(0, rows, index)
 
 
-def _code_blocks(k: int, codes: int) -> list[tuple[int, int, int]]:
-    """``(start, width, split)`` of each block of codes: columns ``[0, split)`` of the block are whole argmin groups
-    (reduced in two levels), columns ``[split, width)`` are the rest (reduced directly)."""
+def _code_blocks(k: int, codes: int) -> list[tuple[int, int]]:
+    """``(start, width)`` of each block of codes, in index order: blocks of up to ``codes`` codes, each split into its
+    whole argmin groups (reduced in two levels) and, where ``codes`` or ``K`` is not a multiple of ``_ARGMIN_GROUP``,
+    a tail of fewer than ``_ARGMIN_GROUP`` codes (reduced directly)."""
     blocks = []
     for start in range(0, k, codes):
         width = min(codes, k - start)
-        blocks.append((start, width, width - width % _ARGMIN_GROUP))
+        whole = width - width % _ARGMIN_GROUP
+        if whole:
+            blocks.append((start, whole))
+        if whole < width:
+            blocks.append((start + whole, width - whole))
     return blocks
 
 
@@ -188,18 +222,20 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
     ``argmin_k ||z_i - c_k||^2 = argmin_k (||c_k||^2 - 2 z_i . c_k)``, as ``||z_i||^2`` is the same for every code.
     Distances are computed ``(rows, codes)`` at a time by one sgemm each on augmented operands,
     ``[-2 z_i, 1] . [c_k, ||c_k||^2]`` (the bias rides in the matmul instead of costing a pass over the block, and
-    the ``-2`` is an exact scaling), and each block is reduced while it is still in cache (:func:`_block_min`);
-    per-block minima are then reduced in index order. The result is the ``argmin`` of the full ``N x K`` matrix of
-    fp32 distances with ties going to the lowest index, identical codes included (:func:`_lowest_duplicates`), and
-    no distance block is ever larger than ``max_chunk_bytes``. Everything runs in fp32 with autocast disabled:
-    bf16 / fp16 inputs are cast up block by block.
+    the ``-2`` is an exact scaling), and each block is reduced while it is still in cache (:func:`_fold_block_min`). The
+    loops sweep the codebook once per ``_SWEEP_ROWS`` queries: each block of codes is copied into its augmented form
+    once and met by every block of rows of the sweep, whose running minima it updates in index order. The result is
+    the ``argmin`` of the full ``N x K`` matrix of fp32 distances with ties going to the lowest index, identical codes
+    included (:func:`_lowest_duplicates`), and no distance block is ever larger than ``max_chunk_bytes``. Everything
+    runs in fp32 with autocast disabled: bf16 / fp16 inputs are cast up block by block.
 
     Args:
         z: ``(N, D)`` query vectors, any float dtype.
         codebook: ``(K, D)`` code vectors, ``K >= 1``, on the same device as ``z``.
         max_chunk_bytes: Upper bound in bytes on one fp32 distance block (at least 4). Within it, the block shape
-            is chosen for speed (cache-sized on CPU). Besides the block, the search holds ``(rows + codes) x (D + 1)``
-            floats of augmented operands and ``O(N + K)`` small vectors.
+            is chosen for speed (cache-sized on CPU). Besides the block, the search holds
+            ``(min(N, max(rows, _SWEEP_ROWS)) + codes) x (D + 1)`` floats of augmented operands and ``O(N + K)``
+            small vectors.
 
     Returns:
         ``(N,)`` int64 indices into ``codebook``.
@@ -218,34 +254,26 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
         z, codebook = z.detach(), codebook.detach()
         code_sq = _squared_norms(codebook)  # (K,) fp32
         rows, codes = _search_block_shape(n, k, max_chunk_bytes, device)
-        blocks = _code_blocks(k, codes)
-        slots = sum((split > 0) + (split < width) for _, width, split in blocks)  # partial minima per row
+        sweep = min(n, max(rows, _SWEEP_ROWS))
         f32 = {"dtype": torch.float32, "device": device}
-        z_aug = torch.ones(rows, d + 1, **f32)  # [-2 z_i, 1]; column D stays 1
+        z_aug = torch.empty(sweep, d + 1, **f32)  # [-2 z_i, 1]
+        z_aug[:, d] = 1.0
         code_aug = torch.empty(codes, d + 1, **f32)  # [c_k, ||c_k||^2]
         block_buf = torch.empty(rows * codes, **f32)  # one (rows, codes) distance block
         group_buf = torch.empty(rows * max(1, codes // _ARGMIN_GROUP), **f32)
-        best_val = torch.empty(rows, slots, **f32)  # (rows, slots) partial minima, in index order
-        best_idx = torch.empty(rows, slots, dtype=torch.long, device=device)
-        for i in range(0, n, rows):
-            r = min(rows, n - i)
-            z_aug[:r, :d].copy_(z[i : i + r]).mul_(-2.0)  # (r, D), cast to fp32 before the exact scaling
-            slot = 0
-            for start, width, split in blocks:
+        best_val = torch.full((n,), math.inf, **f32)  # running row minima; ``out`` holds their codes
+        out.zero_()
+        for s in range(0, n, sweep):
+            m = min(sweep, n - s)
+            z_aug[:m, :d].copy_(z[s : s + m]).mul_(-2.0)  # (m, D), cast to fp32 before the exact scaling
+            for start, width in _code_blocks(k, codes):
                 code_aug[:width, :d].copy_(codebook[start : start + width])  # (w, D)
                 code_aug[:width, d].copy_(code_sq[start : start + width])  # (w,)
-                dist = block_buf[: r * width].view(r, width)  # (r, w): ||c||^2 - 2 z.c
-                torch.mm(z_aug[:r], code_aug[:width].t(), out=dist)
-                if split > 0:
-                    value, index = _block_min(dist[:, :split], group_buf)  # (r,), (r,)
-                    best_val[:r, slot], best_idx[:r, slot] = value, index + start
-                    slot += 1
-                if split < width:
-                    value, index = _first_min(dist[:, split:])  # (r,), (r,)
-                    best_val[:r, slot], best_idx[:r, slot] = value, index + start + split
-                    slot += 1
-            _, first = _first_min(best_val[:r])  # (r,): the first slot holding the row minimum has the lowest index
-            out[i : i + r] = best_idx[:r].gather(1, first.view(r, 1)).view(r)
+                for i in range(s, s + m, rows):
+                    r = min(rows, s + m - i)
+                    dist = block_buf[: r * width].view(r, width)  # (r, w): ||c||^2 - 2 z.c
+                    torch.mm(z_aug[i - s : i - s + r], code_aug[:width].t(), out=dist)
+                    _fold_block_min(dist, start, best_val[i : i + r], out[i : i + r], group_buf)
         lowest = _lowest_duplicates(codebook, code_sq)  # (K,) or None
         return out if lowest is None else lowest[out]
 

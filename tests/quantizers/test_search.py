@@ -126,6 +126,23 @@ def test_block_boundaries(bound):
     assert nearest_codes(z, codebook, bound).tolist() == [edges[1]]
 
 
+@pytest.mark.parametrize("bound", [4 * 100, 64 * 2**20])
+def test_nan_distances_follow_torch_argmin(bound):
+    """A NaN distance wins, the first one in index order, as torch.argmin over the full matrix has it."""
+    gen = torch.Generator().manual_seed(8)
+    k = 3 * _CPU_BLOCK_CODES + _ARGMIN_GROUP + 6  # several code blocks and a tail
+    z, codebook = torch.randn(5, 4, generator=gen), torch.randn(k, 4, generator=gen)
+    for first in (3, _CPU_BLOCK_CODES + 5, 2 * _CPU_BLOCK_CODES + _ARGMIN_GROUP, k - 2):
+        with_nan = codebook.clone()
+        with_nan[first, 1] = float("nan")
+        with_nan[k - 1, 0] = float("nan")  # a later NaN never replaces the first
+        assert nearest_codes(z, with_nan, bound).tolist() == [first] * 5
+    expected = nearest_codes(z, codebook, bound)  # (N,)
+    z[1, 2] = float("nan")  # every distance of row 1 is NaN: index 0, the other rows unchanged
+    expected[1] = 0
+    assert torch.equal(nearest_codes(z, codebook, bound), expected)
+
+
 @pytest.mark.parametrize("n,k,bound", [(1, 1, 4), (5000, 9000, 4), (10_000, 10, 4 * 64), (3, 10**6, 4 * 999)])
 def test_block_shape_respects_the_bound(n, k, bound):
     rows, codes = _search_block_shape(n, k, bound, torch.device("cpu"))
