@@ -103,12 +103,18 @@ def _lowest_duplicates(codebook: Tensor, code_sq: Tensor) -> Tensor | None:
 
     The search's matmul may round the distances to two identical codes differently (BLAS kernels differ by tile
     position and block width), so "ties go to the lowest index" cannot be left to the distances alone for duplicate
-    codes; mapping every found index through this table makes it exact. Cost: one sort of ``||c||^2`` (identical
-    codes have bit-identical norms, as one row reduction computes them all), then hashing and comparing only the
-    codes whose norm is shared with another code, ``_NORM_CHUNK`` rows at a time.
+    codes; mapping every found index through this table makes it exact. Cost: one sort of the bits of ``||c||^2``
+    (identical codes have bit-identical norms, as one row reduction computes them all); only if two norms share their
+    bits, a sort of the norms with their indices, then hashing and comparing the codes whose norm is shared with
+    another code, ``_NORM_CHUNK`` rows at a time.
     """
     k = codebook.shape[0]
     if k < 2:
+        return None
+    # The usual case first: no two norms share their bits. Sorting the bits as int32 values, without indices, takes
+    # torch's radix sort: 2 ms at K = 262,144 on 2 cores, against 18 ms for a float sort with indices.
+    sorted_bits = torch.sort(code_sq.view(torch.int32)).values  # (K,)
+    if not bool((sorted_bits[1:] == sorted_bits[:-1]).any()):
         return None
     sorted_sq, order = torch.sort(code_sq, stable=True)  # (K,), (K,)
     shared = sorted_sq[1:] == sorted_sq[:-1]  # (K - 1,)
