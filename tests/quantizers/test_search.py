@@ -1,9 +1,11 @@
 """Exact nearest-code search: equality with brute force, ties, block boundaries, dtypes, memory bound, errors."""
 
+import threading
+
 import pytest
 import torch
 
-from fvq.quantizers import nearest_codes
+from fvq.quantizers import functional, nearest_codes
 from fvq.quantizers.functional import _ARGMIN_GROUP, _CPU_BLOCK_CODES, _search_block_shape
 
 
@@ -160,6 +162,36 @@ def test_no_allocation_exceeds_the_bound():
     full_matrix = 4 * 700 * 600
     assert max(sizes) <= bound < full_matrix
     assert torch.equal(indices, _brute_force(z, codebook))
+
+
+def test_scratch_is_kept_for_the_same_shape_and_replaced_for_another():
+    bound = 4 * 64 * 300
+    z, codebook = _integer_data(90, 700, 5, seed=9)
+    assert torch.equal(nearest_codes(z, codebook, bound), _brute_force(z, codebook))
+    block = functional._SCRATCH.buffers[2]
+    z2, codebook2 = _integer_data(90, 700, 5, seed=10)  # same shapes, other values: the kept buffers are reused
+    assert torch.equal(nearest_codes(z2, codebook2, bound), _brute_force(z2, codebook2))
+    assert functional._SCRATCH.buffers[2].data_ptr() == block.data_ptr()
+    z3, codebook3 = _integer_data(40, 300, 3, seed=11)  # another shape replaces them
+    assert torch.equal(nearest_codes(z3, codebook3, bound), _brute_force(z3, codebook3))
+    assert functional._SCRATCH.buffers[0].shape == (40, 3 + 1)  # (queries of the sweep, D + 1)
+
+
+def test_threads_search_at_the_same_time():
+    data = [_integer_data(300, 2 * _CPU_BLOCK_CODES + 9, 6, seed=20 + t) for t in range(4)]
+    results: dict[int, torch.Tensor] = {}
+
+    def work(t: int) -> None:
+        for _ in range(3):
+            results[t] = nearest_codes(*data[t], 4 * 128 * 1024)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for t, (z, codebook) in enumerate(data):
+        assert torch.equal(results[t], _brute_force(z, codebook))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
