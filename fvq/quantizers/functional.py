@@ -232,12 +232,13 @@ def _search_buffers(sweep: int, codes: int, rows: int, d: int, device: torch.dev
         return _SCRATCH.buffers
     f32 = {"dtype": torch.float32, "device": device}
     _SCRATCH.key, _SCRATCH.buffers = None, ()  # release the previous shape's buffers before allocating
-    buffers = (
-        torch.empty(sweep, d + 1, **f32),
-        torch.empty(codes, d + 1, **f32),
-        torch.empty(rows * codes, **f32),
-        torch.empty(rows * max(1, codes // _ARGMIN_GROUP), **f32),
-    )
+    with torch.inference_mode(False):  # normal tensors: writable by later calls in and out of inference mode
+        buffers = (
+            torch.empty(sweep, d + 1, **f32),
+            torch.empty(codes, d + 1, **f32),
+            torch.empty(rows * codes, **f32),
+            torch.empty(rows * max(1, codes // _ARGMIN_GROUP), **f32),
+        )
     if device.type == "cpu":
         _SCRATCH.key, _SCRATCH.buffers = key, buffers
     return buffers

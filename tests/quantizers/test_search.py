@@ -172,7 +172,12 @@ def test_scratch_is_kept_for_the_same_shape_and_replaced_for_another():
     z2, codebook2 = _integer_data(90, 700, 5, seed=10)  # same shapes, other values: the kept buffers are reused
     assert torch.equal(nearest_codes(z2, codebook2, bound), _brute_force(z2, codebook2))
     assert functional._SCRATCH.buffers[2].data_ptr() == block.data_ptr()
-    z3, codebook3 = _integer_data(40, 300, 3, seed=11)  # another shape replaces them
+    with torch.inference_mode():  # kept buffers serve calls in and out of inference mode alike
+        assert torch.equal(nearest_codes(z, codebook, bound), _brute_force(z, codebook))
+    assert torch.equal(nearest_codes(z2, codebook2, bound), _brute_force(z2, codebook2))
+    z3, codebook3 = _integer_data(40, 300, 3, seed=11)  # another shape replaces them, made in inference mode here
+    with torch.inference_mode():
+        assert torch.equal(nearest_codes(z3, codebook3, bound), _brute_force(z3, codebook3))
     assert torch.equal(nearest_codes(z3, codebook3, bound), _brute_force(z3, codebook3))
     assert functional._SCRATCH.buffers[0].shape == (40, 3 + 1)  # (queries of the sweep, D + 1)
 
