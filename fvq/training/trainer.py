@@ -287,7 +287,9 @@ class Trainer:
         model = self.tokenizer
         was_training = model.training
         model.eval()
-        quantizer = model.quantizer
+        with self._autocast():  # as in the per-batch forward, so the indices are the same
+            # the inference form: a projector (VQBridge) maps the codebook once here instead of once per batch
+            quantizer = model.quantizer.export().eval()
         usage = CodebookUsage(quantizer.codebook_size, device=self.device)
         psnr_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -306,7 +308,7 @@ class Trainer:
             decoded = int((global_index < limit).sum())  # a prefix of the batch
             position += images.shape[0]
             with self._autocast():
-                quantized = model.quantizer(model.encode_latents(images))
+                quantized = quantizer(model.encode_latents(images))
                 usage.update(quantized.indices)
                 if decoded == 0:
                     continue
