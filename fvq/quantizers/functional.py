@@ -228,10 +228,11 @@ def _search_buffers(sweep: int, codes: int, rows: int, d: int, device: torch.dev
     them, so what is kept never exceeds one call's scratch. On other devices the caching allocator reuses memory.
     """
     key = (sweep, codes, rows, d, device)
-    if device.type == "cpu" and _SCRATCH.key == key:
-        return _SCRATCH.buffers
+    if device.type == "cpu":
+        if _SCRATCH.key == key:
+            return _SCRATCH.buffers
+        _SCRATCH.key, _SCRATCH.buffers = None, ()  # release the previous shape's buffers before allocating
     f32 = {"dtype": torch.float32, "device": device}
-    _SCRATCH.key, _SCRATCH.buffers = None, ()  # release the previous shape's buffers before allocating
     with torch.inference_mode(False):  # normal tensors: writable by later calls in and out of inference mode
         buffers = (
             torch.empty(sweep, d + 1, **f32),
