@@ -156,7 +156,23 @@ def _first_min(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.min(dim=1)  # torch documents the first minimal index on ties
 
 
-def _fold_block_min(block: Tensor, start: int, best_val: Tensor, best_idx: Tensor, group_min: Tensor) -> None:
+class _BlockViews:
+    """Views of the scratch buffers for one ``(n, k)`` block shape, made once per shape and call: the distance block,
+    its argmin groups as ``(n, G, g)`` and ``(n * G, g)``, and the group minima ``(n, G)`` (``G = 0`` for a tail)."""
+
+    __slots__ = ("dist", "groups", "group_rows", "minima", "num_groups")
+
+    def __init__(self, block_buf: Tensor, group_buf: Tensor, n: int, k: int) -> None:
+        g = _ARGMIN_GROUP
+        self.dist = block_buf[: n * k].view(n, k)
+        self.num_groups = k // g if k % g == 0 else 0
+        if self.num_groups:
+            self.groups = self.dist.view(n, self.num_groups, g)
+            self.group_rows = self.dist.view(n * self.num_groups, g)
+            self.minima = group_buf[: n * self.num_groups].view(n, self.num_groups)
+
+
+def _fold_block_min(block: _BlockViews, start: int, best_val: Tensor, best_idx: Tensor) -> None:
     """Fold the row minima of one contiguous ``(n, k)`` block of distances, to codes ``start`` onwards, into the
     running minima of its rows, in place, as ``torch.min`` over all blocks seen so far would give them.
 
@@ -171,31 +187,30 @@ def _fold_block_min(block: Tensor, start: int, best_val: Tensor, best_idx: Tenso
     fewer than ``_ARGMIN_GROUP`` codes is reduced directly.
 
     Args:
-        block: ``(n, k)`` contiguous fp32 distances.
+        block: Views of the ``(n, k)`` fp32 distances and their group minima.
         start: Index of the block's first code.
         best_val: ``(n,)`` running minima, updated in place (``+inf`` before the first block).
         best_idx: ``(n,)`` int64 code of each running minimum, updated in place.
-        group_min: Scratch buffer of at least ``n * k / _ARGMIN_GROUP`` floats.
     """
-    n, k = block.shape
+    n, k = block.dist.shape
     g = _ARGMIN_GROUP
-    groups = k // g if k % g == 0 else 0
+    groups = block.num_groups
     if groups:
-        minima = group_min[: n * groups].view(n, groups)  # (n, G)
-        torch.amin(block.view(n, groups, g), dim=2, out=minima)
+        minima = block.minima
+        torch.amin(block.groups, dim=2, out=minima)
         row_min = minima.amin(dim=1)  # (n,)
     else:
-        row_min, column = _first_min(block)  # (n,), (n,)
+        row_min, column = _first_min(block.dist)  # (n,), (n,)
     better = (row_min < best_val) | (row_min.isnan() & ~best_val.isnan())  # (n,)
-    if block.device.type == "cpu":
+    if block.dist.device.type == "cpu":
         rows = better.nonzero().squeeze(1)  # (p,)
     else:
-        rows = torch.arange(n, device=block.device)  # (n,)
+        rows = torch.arange(n, device=block.dist.device)  # (n,)
     if rows.numel() == 0:
         return
     if groups:
         _, first_group = _first_min(minima.index_select(0, rows))  # (p,)
-        members = block.view(n * groups, g).index_select(0, torch.add(first_group, rows, alpha=groups))  # (p, g)
+        members = block.group_rows.index_select(0, torch.add(first_group, rows, alpha=groups))  # (p, g)
         value, offset = _first_min(members)  # (p,), (p,)
         index = offset.add_(first_group, alpha=g).add_(start)  # (p,)
     else:
@@ -305,17 +320,26 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
         z_aug[:, d] = 1.0
         best_val = torch.full((n,), math.inf, dtype=torch.float32, device=device)  # running row minima; ``out``: codes
         out.zero_()
+        views: dict[tuple[int, int], _BlockViews] = {}
+        blocks = _code_blocks(k, codes)
         for s in range(0, n, sweep):
             m = min(sweep, n - s)
             z_aug[:m, :d].copy_(z[s : s + m]).mul_(-2.0)  # (m, D), cast to fp32 before the exact scaling
-            for start, width in _code_blocks(k, codes):
+            row_blocks = []  # (augmented queries, running minima, their codes) of each block of queries
+            for i in range(s, s + m, rows):
+                r = min(rows, s + m - i)
+                row_blocks.append((z_aug[i - s : i - s + r], best_val[i : i + r], out[i : i + r]))
+            for start, width in blocks:
                 code_aug[:width, :d].copy_(codebook[start : start + width])  # (w, D)
                 code_aug[:width, d].copy_(code_sq[start : start + width])  # (w,)
-                for i in range(s, s + m, rows):
-                    r = min(rows, s + m - i)
-                    dist = block_buf[: r * width].view(r, width)  # (r, w): ||c||^2 - 2 z.c
-                    torch.mm(z_aug[i - s : i - s + r], code_aug[:width].t(), out=dist)
-                    _fold_block_min(dist, start, best_val[i : i + r], out[i : i + r], group_buf)
+                codes_t = code_aug[:width].t()  # (D + 1, w)
+                for z_rows, best_rows, index_rows in row_blocks:
+                    key = (z_rows.shape[0], width)
+                    block = views.get(key)
+                    if block is None:
+                        block = views[key] = _BlockViews(block_buf, group_buf, *key)
+                    torch.mm(z_rows, codes_t, out=block.dist)  # (r, w): ||c||^2 - 2 z.c
+                    _fold_block_min(block, start, best_rows, index_rows)
         lowest = _lowest_duplicates(codebook, code_sq)  # (K,) or None
         return out if lowest is None else lowest[out]
 
