@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tiny_runs import TINY_TOKENIZER
 
 from fvq.cli import main
 from fvq.models import Tokenizer
@@ -15,12 +16,7 @@ from fvq.models.presets import build_autoencoder
 from fvq.tokenize import ExportVerificationError, load_model, model_identity, verify_export
 
 TINY = [
-    "model.preset=tiny_f4",
-    "quantizer.codebook_size=64",
-    "quantizer.codebook_dim=16",
-    "quantizer.projector.group_size=8",
-    "quantizer.projector.hidden_dim=32",
-    "data.image_size=16",
+    *TINY_TOKENIZER,
     "data.samples_per_epoch=16",
     "data.val_samples=8",
     "global_batch_size=8",

@@ -16,18 +16,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_runs import TINY_TOKENIZER
 
 from fvq.cli import main
 from fvq.plots import code_frequency_figure
 from fvq.report import build_report, format_metric, markdown_to_html
 
 TINY = [
-    "model.preset=tiny_f4",
-    "quantizer.codebook_size=64",
-    "quantizer.codebook_dim=16",
-    "quantizer.projector.group_size=8",
-    "quantizer.projector.hidden_dim=32",
-    "data.image_size=16",
+    *TINY_TOKENIZER,
     "data.samples_per_epoch=16",
     "data.val_samples=16",
     "global_batch_size=8",

@@ -7,17 +7,13 @@ import sys
 from pathlib import Path
 
 import torch
+from tiny_runs import TINY_TOKENIZER
 
 from fvq.cli import main
 from fvq.training.checkpoint import latest_checkpoint, load_checkpoint
 
 TINY = [
-    "model.preset=tiny_f4",
-    "quantizer.codebook_size=64",
-    "quantizer.codebook_dim=16",
-    "quantizer.projector.group_size=8",
-    "quantizer.projector.hidden_dim=32",
-    "data.image_size=16",
+    *TINY_TOKENIZER,
     "data.samples_per_epoch=24",
     "data.val_samples=16",
     "global_batch_size=8",

@@ -1,6 +1,7 @@
 """Validation evaluates the quantizer in its inference form: the VQBridge maps the codebook once, not per batch."""
 
 import torch
+from tiny_runs import TINY_TOKENIZER
 
 from fvq.data.images import batch_images
 from fvq.distributed import DistributedContext
@@ -9,12 +10,7 @@ from fvq.training.config import load_config
 from fvq.training.trainer import Trainer
 
 OVERRIDES = [
-    "model.preset=tiny_f4",
-    "quantizer.codebook_size=64",
-    "quantizer.codebook_dim=16",
-    "quantizer.projector.group_size=8",
-    "quantizer.projector.hidden_dim=32",
-    "data.image_size=16",
+    *TINY_TOKENIZER,
     "data.samples_per_epoch=8",
     "data.val_samples=20",
     "global_batch_size=8",
