@@ -192,7 +192,7 @@ def _fold_block_min(block: _BlockViews, start: int, best_val: Tensor, best_idx: 
         best_val: ``(n,)`` running minima, updated in place (``+inf`` before the first block).
         best_idx: ``(n,)`` int64 code of each running minimum, updated in place.
     """
-    n, k = block.dist.shape
+    n = block.dist.shape[0]
     g = _ARGMIN_GROUP
     groups = block.num_groups
     if groups:
