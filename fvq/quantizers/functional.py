@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 import threading
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 DEFAULT_MAX_CHUNK_BYTES = 64 * 2**20
 
-# Shape of one distance block on CPU, tuned on a 2-core AVX-512 Xeon (2 MiB L2 per core; docs/benchmarks.md): a
-# 1024 x 2048 fp32 block (8 MiB) keeps sgemm near its peak while the reduction that follows reads it back from cache;
-# one N x K block is about half as fast (written to and read back from DRAM, then reduced by a slow indexed min).
+# Shape of one distance block on CPU: 1024 queries x 2048 codes (8 MiB), reduced at once while it is in the shared
+# cache. Its matmul is issued in panels of codes whose packed fp32 operand fills about one core's L2 (a panel of
+# ``L2 bytes / 1 KiB`` codes, i.e. 257 floats a code at D = 256): 2048 codes (one panel) on a 2 MiB-L2 Xeon, 512 codes
+# (four panels) on a 512 KiB-L2 EPYC, where one 2048-code matmul runs about 15 % slower (docs/benchmarks.md).
 # ``max_chunk_bytes`` stays a hard upper bound on the block.
 _CPU_BLOCK_ROWS = 1024
 _CPU_BLOCK_CODES = 2048
@@ -22,6 +24,34 @@ _ARGMIN_GROUP = 64
 _SWEEP_ROWS = 16384
 # Codes per chunk when computing ||c||^2 or hashing codes (bounds the (chunk, D) temporaries).
 _NORM_CHUNK = 1024
+# L2 size assumed where the system does not tell it (the Xeon the block shape was first tuned on).
+_DEFAULT_L2_BYTES = 2 * 2**20
+
+
+def _l2_bytes() -> int:
+    """Size of one core's L2 cache in bytes, from Linux sysfs; ``_DEFAULT_L2_BYTES`` where it cannot be read."""
+    root = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for index in sorted(root.glob("index*")):
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            if level == "2" and kind in ("Unified", "Data"):
+                size = (index / "size").read_text().strip().upper()
+                scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+                return int(size.rstrip("KMG")) * scale
+    except (OSError, ValueError):
+        pass
+    return _DEFAULT_L2_BYTES
+
+
+def _panel_codes(l2_bytes: int) -> int:
+    """Codes per matmul panel on CPU for an L2 of ``l2_bytes``: ``l2_bytes / 1 KiB`` in whole argmin groups, at least
+    four groups and at most one block."""
+    codes = (l2_bytes // 1024) // _ARGMIN_GROUP * _ARGMIN_GROUP
+    return min(_CPU_BLOCK_CODES, max(4 * _ARGMIN_GROUP, codes))
+
+
+_CPU_PANEL_CODES = _panel_codes(_l2_bytes())
 
 
 def _check_search_inputs(z: Tensor, codebook: Tensor, max_chunk_bytes: int) -> None:
@@ -52,11 +82,12 @@ def _check_search_inputs(z: Tensor, codebook: Tensor, max_chunk_bytes: int) -> N
         raise ValueError(f"max_chunk_bytes must be an int >= 4 (one fp32 distance), got {max_chunk_bytes!r}")
 
 
-def _search_block_shape(n: int, k: int, max_chunk_bytes: int, device: torch.device) -> tuple[int, int]:
-    """``(rows, codes)`` of one distance block: cache-sized on CPU, as large as allowed elsewhere, within the bound.
+def _search_block_shape(n: int, k: int, max_chunk_bytes: int, device: torch.device) -> tuple[int, int, int]:
+    """``(rows, codes, panel)`` of one distance block: cache-sized on CPU, as large as allowed elsewhere, within the
+    bound; its matmul is issued ``panel`` codes at a time (one panel off the CPU).
 
-    Blocks of codes are whole argmin groups where they can be, so that only the end of the codebook leaves a tail of
-    fewer than ``_ARGMIN_GROUP`` codes (see :func:`_code_blocks`).
+    Blocks of codes are whole argmin groups and whole panels where they can be, so that only the end of the codebook
+    leaves narrower panels and a tail of fewer than ``_ARGMIN_GROUP`` codes (see :func:`_code_blocks`).
     """
     max_elems = max_chunk_bytes // 4
     if device.type == "cpu":
@@ -67,7 +98,10 @@ def _search_block_shape(n: int, k: int, max_chunk_bytes: int, device: torch.devi
         rows = min(n, max_elems // codes)
     if _ARGMIN_GROUP < codes < k:
         codes -= codes % _ARGMIN_GROUP
-    return max(1, rows), codes
+    panel = min(codes, _CPU_PANEL_CODES) if device.type == "cpu" else codes
+    if panel < codes < k:
+        codes -= codes % panel
+    return max(1, rows), codes, panel
 
 
 def _squared_norms(codebook: Tensor) -> Tensor:
@@ -157,34 +191,38 @@ def _first_min(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _BlockViews:
-    """Views of the scratch buffers for one ``(n, k)`` block shape, made once per shape and call: the distance block,
-    its argmin groups as ``(n, G, g)`` and ``(n * G, g)``, and the group minima ``(n, G)`` (``G = 0`` for a tail)."""
+    """Views of the scratch buffers for one ``(n, k)`` block of ``p`` panels of ``w = k / p`` codes, made once per
+    shape and call. Panel ``q`` holds the distances to codes ``q * w`` to ``(q + 1) * w - 1`` of the block as a
+    contiguous ``(n, w)`` matrix (``panels[q]``); all panels together, as ``(p, n, G, g)`` and ``(p * n * G, g)``, are
+    the argmin groups of ``g`` codes, and their minima are ``(p, n, G)`` (``G = 0`` for a tail)."""
 
-    __slots__ = ("dist", "groups", "group_rows", "minima", "num_groups")
+    __slots__ = ("panels", "panel_groups", "group_rows", "minima", "num_groups", "rows")
 
-    def __init__(self, block_buf: Tensor, group_buf: Tensor, n: int, k: int) -> None:
-        g = _ARGMIN_GROUP
-        self.dist = block_buf[: n * k].view(n, k)
-        self.num_groups = k // g if k % g == 0 else 0
+    def __init__(self, block_buf: Tensor, group_buf: Tensor, n: int, k: int, w: int) -> None:
+        g, p = _ARGMIN_GROUP, k // w
+        self.rows = n
+        self.panels = [block_buf[q * n * w : (q + 1) * n * w].view(n, w) for q in range(p)]
+        self.num_groups = w // g if w % g == 0 else 0
         if self.num_groups:
-            self.groups = self.dist.view(n, self.num_groups, g)
-            self.group_rows = self.dist.view(n * self.num_groups, g)
-            self.minima = group_buf[: n * self.num_groups].view(n, self.num_groups)
+            groups = block_buf[: n * k].view(p, n, self.num_groups, g)
+            self.panel_groups = list(groups.unbind(0))  # (n, G, g) each
+            self.group_rows = block_buf[: n * k].view(p * n * self.num_groups, g)
+            self.minima = group_buf[: p * n * self.num_groups].view(p, n, self.num_groups)
 
 
 def _fold_block_min(block: _BlockViews, start: int, best_val: Tensor, best_idx: Tensor) -> None:
-    """Fold the row minima of one contiguous ``(n, k)`` block of distances, to codes ``start`` onwards, into the
-    running minima of its rows, in place, as ``torch.min`` over all blocks seen so far would give them.
+    """Fold the row minima of one ``(n, k)`` block of distances, to codes ``start`` onwards, into the running minima
+    of its rows, in place, as ``torch.min`` over all blocks seen so far would give them.
 
     A block replaces a row's minimum only where its own minimum is strictly smaller (ties keep the lower index of an
     earlier block), or is NaN where the running minimum is not (``torch.min`` returns the first NaN). The row minimum
-    comes from cheap passes: when ``k`` is a multiple of ``_ARGMIN_GROUP``, ``amin`` over contiguous groups of
-    ``_ARGMIN_GROUP`` columns (one pass over the block while it is in cache), then ``amin`` over the ``k / group``
-    group minima. The indexed minimum, several times slower per element on CPU, then runs over the group minima
-    (the first group holding the row minimum also holds its lowest column) and inside that one group, whose columns
-    are fetched as one contiguous row each. On CPU it runs only for the rows this block improves, which after the
-    first blocks are a minority; elsewhere for all rows, as selecting them would wait for the device. A tail of
-    fewer than ``_ARGMIN_GROUP`` codes is reduced directly.
+    comes from cheap passes: when the panel width is a multiple of ``_ARGMIN_GROUP``, ``amin`` over contiguous groups
+    of ``_ARGMIN_GROUP`` columns (one pass over the block while it is in cache), then ``amin`` over the group minima
+    of all panels. The indexed minimum, several times slower per element on CPU, then runs over the group minima in
+    code order (the first group holding the row minimum also holds its lowest column) and inside that one group,
+    whose columns are fetched as one contiguous row each. On CPU it runs only for the rows this block improves, which
+    after the first blocks are a minority; elsewhere for all rows, as selecting them would wait for the device. A tail
+    of fewer than ``_ARGMIN_GROUP`` codes (one panel) is reduced directly.
 
     Args:
         block: Views of the ``(n, k)`` fp32 distances and their group minima.
@@ -192,29 +230,33 @@ def _fold_block_min(block: _BlockViews, start: int, best_val: Tensor, best_idx: 
         best_val: ``(n,)`` running minima, updated in place (``+inf`` before the first block).
         best_idx: ``(n,)`` int64 code of each running minimum, updated in place.
     """
-    n = block.dist.shape[0]
-    g = _ARGMIN_GROUP
-    groups = block.num_groups
+    n, g, groups = block.rows, _ARGMIN_GROUP, block.num_groups
+    panels = len(block.panels)
     if groups:
-        minima = block.minima
-        torch.amin(block.groups, dim=2, out=minima)
-        row_min = minima.amin(dim=1)  # (n,)
+        minima = block.minima  # (p, n, G), computed panel by panel: see nearest_codes
+        row_min = minima[0].amin(dim=1) if panels == 1 else minima.amin(dim=(0, 2))  # (n,)
     else:
-        row_min, column = _first_min(block.dist)  # (n,), (n,)
+        row_min, column = _first_min(block.panels[0])  # (n,), (n,)
     better = (row_min < best_val) | (row_min.isnan() & ~best_val.isnan())  # (n,)
-    if block.dist.device.type == "cpu":
-        rows = better.nonzero().squeeze(1)  # (p,)
+    if row_min.device.type == "cpu":
+        rows = better.nonzero().view(-1)  # (r,)
     else:
-        rows = torch.arange(n, device=block.dist.device)  # (n,)
+        rows = torch.arange(n, device=row_min.device)  # (n,)
     if rows.numel() == 0:
         return
     if groups:
-        _, first_group = _first_min(minima.index_select(0, rows))  # (p,)
-        members = block.group_rows.index_select(0, torch.add(first_group, rows, alpha=groups))  # (p, g)
-        value, offset = _first_min(members)  # (p,), (p,)
-        index = offset.add_(first_group, alpha=g).add_(start)  # (p,)
+        if panels == 1:
+            _, first_group = _first_min(minima[0].index_select(0, rows))  # (r,)
+            flat = torch.add(first_group, rows, alpha=groups)  # (r,) row of the group in ``group_rows``
+        else:
+            picked = minima.index_select(1, rows).transpose(0, 1).reshape(rows.numel(), panels * groups)  # (r, p G)
+            _, first_group = _first_min(picked)  # (r,) group in code order: panel * G + group in panel
+            panel = torch.div(first_group, groups, rounding_mode="floor")  # (r,)
+            flat = torch.add(first_group, rows, alpha=groups).add_(panel, alpha=groups * (n - 1))  # (r,)
+        value, offset = _first_min(block.group_rows.index_select(0, flat))  # (r,), (r,) from (r, g) members
+        index = offset.add_(first_group, alpha=g).add_(start)  # (r,)
     else:
-        value, index = row_min[rows], column[rows].add_(start)  # (p,), (p,)
+        value, index = row_min[rows], column[rows].add_(start)  # (r,), (r,)
     if rows.numel() == n:  # every row: keep the running minimum where this block is not better
         torch.where(better, value, best_val, out=best_val)
         torch.where(better, index, best_idx, out=best_idx)
@@ -260,18 +302,22 @@ def _search_buffers(sweep: int, codes: int, rows: int, d: int, device: torch.dev
     return buffers
 
 
-def _code_blocks(k: int, codes: int) -> list[tuple[int, int]]:
-    """``(start, width)`` of each block of codes, in index order: blocks of up to ``codes`` codes, each split into its
-    whole argmin groups (reduced in two levels) and, where ``codes`` or ``K`` is not a multiple of ``_ARGMIN_GROUP``,
-    a tail of fewer than ``_ARGMIN_GROUP`` codes (reduced directly)."""
+def _code_blocks(k: int, codes: int, panel: int) -> list[tuple[int, int, int]]:
+    """``(start, width, panel width)`` of each block of codes, in index order: blocks of up to ``codes`` codes, each
+    split into its whole panels, a narrower panel of the whole argmin groups left (reduced in two levels) and, where
+    ``codes`` or ``K`` is not a multiple of ``_ARGMIN_GROUP``, a tail of fewer than ``_ARGMIN_GROUP`` codes (reduced
+    directly). Every block is a whole number of panels of its panel width."""
     blocks = []
     for start in range(0, k, codes):
         width = min(codes, k - start)
         whole = width - width % _ARGMIN_GROUP
-        if whole:
-            blocks.append((start, whole))
+        full = whole - whole % panel
+        if full:
+            blocks.append((start, full, panel))
+        if full < whole:
+            blocks.append((start + full, whole - full, whole - full))
         if whole < width:
-            blocks.append((start + whole, width - whole))
+            blocks.append((start + whole, width - whole, width - whole))
     return blocks
 
 
@@ -279,9 +325,10 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
     """Exact nearest code under squared L2 distance, in fp32, with bounded memory.
 
     ``argmin_k ||z_i - c_k||^2 = argmin_k (||c_k||^2 - 2 z_i . c_k)``, as ``||z_i||^2`` is the same for every code.
-    Distances are computed ``(rows, codes)`` at a time by one sgemm each on augmented operands,
-    ``[-2 z_i, 1] . [c_k, ||c_k||^2]`` (the bias rides in the matmul instead of costing a pass over the block, and
-    the ``-2`` is an exact scaling), and each block is reduced while it is still in cache (:func:`_fold_block_min`). The
+    Distances are computed ``(rows, codes)`` at a time on augmented operands, ``[-2 z_i, 1] . [c_k, ||c_k||^2]`` (the
+    bias rides in the matmul instead of costing a pass over the block, and the ``-2`` is an exact scaling), by one
+    sgemm per panel of codes sized to the L2 cache, each panel's group minima taken right after its sgemm, and each
+    block is then reduced while it is still in cache (:func:`_fold_block_min`). The
     loops sweep the codebook once per ``_SWEEP_ROWS`` queries: each block of codes is copied into its augmented form
     once and met by every block of rows of the sweep, whose running minima it updates in index order. The result is
     the ``argmin`` of the full ``N x K`` matrix of fp32 distances with ties going to the lowest index, identical codes
@@ -313,15 +360,15 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
     with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
         z, codebook = z.detach(), codebook.detach()
         code_sq = _squared_norms(codebook)  # (K,) fp32
-        rows, codes = _search_block_shape(n, k, max_chunk_bytes, device)
+        rows, codes, panel = _search_block_shape(n, k, max_chunk_bytes, device)
         sweep = min(n, max(rows, _SWEEP_ROWS))
         # [-2 z_i, 1], [c_k, ||c_k||^2], one (rows, codes) distance block, its group minima
         z_aug, code_aug, block_buf, group_buf = _search_buffers(sweep, codes, rows, d, device)
         z_aug[:, d] = 1.0
         best_val = torch.full((n,), math.inf, dtype=torch.float32, device=device)  # running row minima; ``out``: codes
         out.zero_()
-        views: dict[tuple[int, int], _BlockViews] = {}
-        blocks = _code_blocks(k, codes)
+        views: dict[tuple[int, int, int], _BlockViews] = {}
+        blocks = _code_blocks(k, codes, panel)
         for s in range(0, n, sweep):
             m = min(sweep, n - s)
             z_aug[:m, :d].copy_(z[s : s + m]).mul_(-2.0)  # (m, D), cast to fp32 before the exact scaling
@@ -329,16 +376,19 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
             for i in range(s, s + m, rows):
                 r = min(rows, s + m - i)
                 row_blocks.append((z_aug[i - s : i - s + r], best_val[i : i + r], out[i : i + r]))
-            for start, width in blocks:
+            for start, width, panel_width in blocks:
                 code_aug[:width, :d].copy_(codebook[start : start + width])  # (w, D)
                 code_aug[:width, d].copy_(code_sq[start : start + width])  # (w,)
-                codes_t = code_aug[:width].t()  # (D + 1, w)
+                panels_t = [code_aug[q : q + panel_width].t() for q in range(0, width, panel_width)]  # (D + 1, pw)
                 for z_rows, best_rows, index_rows in row_blocks:
-                    key = (z_rows.shape[0], width)
+                    key = (z_rows.shape[0], width, panel_width)
                     block = views.get(key)
                     if block is None:
                         block = views[key] = _BlockViews(block_buf, group_buf, *key)
-                    torch.mm(z_rows, codes_t, out=block.dist)  # (r, w): ||c||^2 - 2 z.c
+                    for q, (codes_t, dist) in enumerate(zip(panels_t, block.panels)):
+                        torch.mm(z_rows, codes_t, out=dist)  # (r, pw): ||c||^2 - 2 z.c
+                        if block.num_groups:  # group minima while the panel is in cache
+                            torch.amin(block.panel_groups[q], dim=2, out=block.minima[q])
                     _fold_block_min(block, start, best_rows, index_rows)
         lowest = _lowest_duplicates(codebook, code_sq)  # (K,) or None
         return out if lowest is None else lowest[out]

@@ -23,6 +23,14 @@ def _integer_data(n: int, k: int, d: int, seed: int, high: int = 3) -> tuple[tor
     return z, codebook
 
 
+@pytest.fixture(params=[_CPU_BLOCK_CODES, 4 * _ARGMIN_GROUP, 5 * _ARGMIN_GROUP], ids=["1panel", "8panels", "6panels"])
+def panel_codes(request, monkeypatch):
+    """Matmul panel width on CPU: the whole block (a 2 MiB L2), eight panels a block (a 256 KiB L2), or a width that
+    does not divide the block (the block shrinks to six panels)."""
+    monkeypatch.setattr(functional, "_CPU_PANEL_CODES", request.param)
+    return request.param
+
+
 # (N, K, D, max_chunk_bytes): K and N off every block size, bounds below one row (4 bytes = a single distance),
 # several code blocks (K > _CPU_BLOCK_CODES) with a tail that is not a whole number of argmin groups.
 SHAPES = [
@@ -39,7 +47,7 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("n,k,d,max_chunk_bytes", SHAPES)
-def test_matches_brute_force_exactly(n, k, d, max_chunk_bytes):
+def test_matches_brute_force_exactly(n, k, d, max_chunk_bytes, panel_codes):
     z, codebook = _integer_data(n, k, d, seed=n + k + d)
     indices = nearest_codes(z, codebook, max_chunk_bytes)
     assert indices.shape == (n,) and indices.dtype == torch.int64
@@ -47,7 +55,7 @@ def test_matches_brute_force_exactly(n, k, d, max_chunk_bytes):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_continuous_data_finds_a_nearest_code(seed):
+def test_continuous_data_finds_a_nearest_code(seed, panel_codes):
     gen = torch.Generator().manual_seed(seed)
     n, k, d = 300, 2 * _CPU_BLOCK_CODES + 77, 16
     z = torch.randn(n, d, generator=gen)
@@ -61,7 +69,7 @@ def test_continuous_data_finds_a_nearest_code(seed):
     assert (indices == dist.argmin(dim=1)).float().mean() > 0.99
 
 
-def test_duplicate_codes_go_to_the_lowest_index():
+def test_duplicate_codes_go_to_the_lowest_index(panel_codes):
     gen = torch.Generator().manual_seed(3)
     k, d = 3 * _CPU_BLOCK_CODES + 50, 4
     codebook = torch.randn(k, d, generator=gen) + 10.0  # far from the duplicates below
@@ -84,7 +92,7 @@ def test_identical_codebook_gives_index_zero(d):
         assert torch.equal(nearest_codes(z, codebook, bound), torch.zeros(20, dtype=torch.long))
 
 
-def test_duplicates_among_many_equal_norms():
+def test_duplicates_among_many_equal_norms(panel_codes):
     # unit-norm codes (the cosine case) share their norm bit for bit far more often than random codes
     gen = torch.Generator().manual_seed(8)
     base = torch.eye(6)[torch.randint(0, 6, (500,), generator=gen)] * torch.where(
@@ -110,9 +118,9 @@ def test_duplicate_detection_survives_hash_collisions(monkeypatch):
 
 
 @pytest.mark.parametrize("bound", [4, 4 * 5, 4 * _ARGMIN_GROUP, 4 * _CPU_BLOCK_CODES, 64 * 2**20])
-def test_block_boundaries(bound):
+def test_block_boundaries(bound, panel_codes):
     k, d = 2 * _CPU_BLOCK_CODES + _ARGMIN_GROUP + 3, 3
-    rows, codes = _search_block_shape(1, k, bound, torch.device("cpu"))
+    rows, codes, _ = _search_block_shape(1, k, bound, torch.device("cpu"))
     edges = {0, 1, codes - 1, codes, codes + 1, _ARGMIN_GROUP - 1, _ARGMIN_GROUP, k - codes, k - 2, k - 1}
     edges = sorted(e for e in edges if 0 <= e < k)
     codebook = torch.full((k, d), 50.0)  # far from every query below; all values exact in fp32
@@ -129,7 +137,7 @@ def test_block_boundaries(bound):
 
 
 @pytest.mark.parametrize("bound", [4 * 100, 64 * 2**20])
-def test_nan_distances_follow_torch_argmin(bound):
+def test_nan_distances_follow_torch_argmin(bound, panel_codes):
     """A NaN distance wins, the first one in index order, as torch.argmin over the full matrix has it."""
     gen = torch.Generator().manual_seed(8)
     k = 3 * _CPU_BLOCK_CODES + _ARGMIN_GROUP + 6  # several code blocks and a tail
@@ -146,10 +154,11 @@ def test_nan_distances_follow_torch_argmin(bound):
 
 
 @pytest.mark.parametrize("n,k,bound", [(1, 1, 4), (5000, 9000, 4), (10_000, 10, 4 * 64), (3, 10**6, 4 * 999)])
-def test_block_shape_respects_the_bound(n, k, bound):
-    rows, codes = _search_block_shape(n, k, bound, torch.device("cpu"))
-    assert 1 <= rows <= n and 1 <= codes <= k
+def test_block_shape_respects_the_bound(n, k, bound, panel_codes):
+    rows, codes, panel = _search_block_shape(n, k, bound, torch.device("cpu"))
+    assert 1 <= rows <= n and 1 <= panel <= codes <= k
     assert 4 * rows * codes <= bound
+    assert codes == k or codes % panel == 0  # every block but the last is whole panels
 
 
 def test_no_allocation_exceeds_the_bound():
@@ -254,3 +263,27 @@ def test_gradients_and_empty_queries():
 def test_bad_inputs_name_expected_and_actual(z, codebook, bound, error, pattern):
     with pytest.raises(error, match=pattern):
         nearest_codes(z, codebook, bound)
+
+
+def test_panel_width_follows_the_l2_size():
+    assert functional._panel_codes(2 * 2**20) == _CPU_BLOCK_CODES  # one panel a block
+    assert functional._panel_codes(512 * 2**10) == 512  # four panels
+    assert functional._panel_codes(1280 * 2**10) == 1280
+    assert functional._panel_codes(1000 * 2**10) == 960  # whole argmin groups
+    assert functional._panel_codes(32 * 2**10) == 4 * _ARGMIN_GROUP  # never narrower than four groups
+    assert functional._panel_codes(64 * 2**20) == _CPU_BLOCK_CODES  # never wider than a block
+
+
+def test_l2_size_is_read_from_sysfs(tmp_path, monkeypatch):
+    caches = [("1", "Data", "48K"), ("1", "Instruction", "32K"), ("2", "Unified", "1M")]
+    for i, (level, kind, size) in enumerate(caches):
+        folder = tmp_path / f"index{i}"
+        folder.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (folder / name).write_text(value + "\n")
+    monkeypatch.setattr(functional, "Path", lambda _: tmp_path)
+    assert functional._l2_bytes() == 2**20
+    (tmp_path / "index2" / "size").write_text("2048K\n")
+    assert functional._l2_bytes() == 2 * 2**20
+    monkeypatch.setattr(functional, "Path", lambda _: tmp_path / "missing")
+    assert functional._l2_bytes() == functional._DEFAULT_L2_BYTES
