@@ -33,10 +33,10 @@ demo: $(STAMP) $(WEIGHTS)
 	$(VENV)/bin/fvq train tiny_fvq --out runs/demo --overwrite
 
 test: $(STAMP) $(WEIGHTS)
-	FVQ_REQUIRE_LPIPS_WEIGHTS=1 FVQ_REQUIRE_FID_INCEPTION=1 $(PY) -m pytest -q -m "not slow"
+	FVQ_REQUIRE_LPIPS_WEIGHTS=1 FVQ_REQUIRE_FID_INCEPTION=1 FVQ_REQUIRE_FUSED_SEARCH=1 $(PY) -m pytest -q -m "not slow"
 
 test-all: $(STAMP) $(WEIGHTS)
-	FVQ_REQUIRE_LPIPS_WEIGHTS=1 FVQ_REQUIRE_FID_INCEPTION=1 $(PY) -m pytest -q
+	FVQ_REQUIRE_LPIPS_WEIGHTS=1 FVQ_REQUIRE_FID_INCEPTION=1 FVQ_REQUIRE_FUSED_SEARCH=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fvq tests scripts

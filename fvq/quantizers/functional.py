@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fvq.quantizers import fused_search
+
 DEFAULT_MAX_CHUNK_BYTES = 64 * 2**20
 
 # Shape of one distance block on CPU: 1024 queries x 2048 codes (8 MiB), reduced at once while it is in the shared
@@ -196,7 +198,7 @@ class _BlockViews:
     contiguous ``(n, w)`` matrix (``panels[q]``); all panels together, as ``(p, n, G, g)`` and ``(p * n * G, g)``, are
     the argmin groups of ``g`` codes, and their minima are ``(p, n, G)`` (``G = 0`` for a tail)."""
 
-    __slots__ = ("panels", "panel_groups", "group_rows", "minima", "num_groups", "rows")
+    __slots__ = ("panels", "panel_groups", "panel_minima", "group_rows", "minima", "num_groups", "rows")
 
     def __init__(self, block_buf: Tensor, group_buf: Tensor, n: int, k: int, w: int) -> None:
         g, p = _ARGMIN_GROUP, k // w
@@ -208,6 +210,7 @@ class _BlockViews:
             self.panel_groups = list(groups.unbind(0))  # (n, G, g) each
             self.group_rows = block_buf[: n * k].view(p * n * self.num_groups, g)
             self.minima = group_buf[: p * n * self.num_groups].view(p, n, self.num_groups)
+            self.panel_minima = list(self.minima.unbind(0))  # (n, G) each
 
 
 def _fold_block_min(block: _BlockViews, start: int, best_val: Tensor, best_idx: Tensor) -> None:
@@ -360,6 +363,8 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
     with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
         z, codebook = z.detach(), codebook.detach()
         code_sq = _squared_norms(codebook)  # (K,) fp32
+        if fused_search.wanted(device) and fused_search.distances_are_finite(z, code_sq):
+            return fused_search.nearest_codes_fused(z, codebook, code_sq)
         rows, codes, panel = _search_block_shape(n, k, max_chunk_bytes, device)
         sweep = min(n, max(rows, _SWEEP_ROWS))
         # [-2 z_i, 1], [c_k, ||c_k||^2], one (rows, codes) distance block, its group minima
@@ -388,7 +393,7 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
                     for q, (codes_t, dist) in enumerate(zip(panels_t, block.panels)):
                         torch.mm(z_rows, codes_t, out=dist)  # (r, pw): ||c||^2 - 2 z.c
                         if block.num_groups:  # group minima while the panel is in cache
-                            torch.amin(block.panel_groups[q], dim=2, out=block.minima[q])
+                            torch.amin(block.panel_groups[q], dim=2, out=block.panel_minima[q])
                     _fold_block_min(block, start, best_rows, index_rows)
         lowest = _lowest_duplicates(codebook, code_sq)  # (K,) or None
         return out if lowest is None else lowest[out]

@@ -1,11 +1,12 @@
 """Exact nearest-code search: equality with brute force, ties, block boundaries, dtypes, memory bound, errors."""
 
+import os
 import threading
 
 import pytest
 import torch
 
-from fvq.quantizers import functional, nearest_codes
+from fvq.quantizers import functional, fused_search, nearest_codes
 from fvq.quantizers.functional import _ARGMIN_GROUP, _CPU_BLOCK_CODES, _search_block_shape
 
 
@@ -23,11 +24,41 @@ def _integer_data(n: int, k: int, d: int, seed: int, high: int = 3) -> tuple[tor
     return z, codebook
 
 
+def _use_kernel(monkeypatch, kernel: str) -> None:
+    if kernel == "fused":
+        try:
+            fused_search._load()
+        except fused_search.FusedKernelUnavailable as err:
+            if os.environ.get("FVQ_REQUIRE_FUSED_SEARCH") == "1":
+                raise
+            pytest.skip(f"the fused kernel cannot run here: {err}")
+    monkeypatch.setenv("FVQ_SEARCH_KERNEL", kernel)
+
+
 @pytest.fixture(params=[_CPU_BLOCK_CODES, 4 * _ARGMIN_GROUP, 5 * _ARGMIN_GROUP], ids=["1panel", "8panels", "6panels"])
 def panel_codes(request, monkeypatch):
-    """Matmul panel width on CPU: the whole block (a 2 MiB L2), eight panels a block (a 256 KiB L2), or a width that
-    does not divide the block (the block shrinks to six panels)."""
+    """The blocked search with matmul panels of the whole block (a 2 MiB L2), eight panels a block (a 256 KiB L2),
+    or a width that does not divide the block (the block shrinks to six panels)."""
+    _use_kernel(monkeypatch, "blocked")
     monkeypatch.setattr(functional, "_CPU_PANEL_CODES", request.param)
+    return request.param
+
+
+@pytest.fixture(params=["fused", "blocked"])
+def kernel(request, monkeypatch):
+    """The fused AVX2 kernel, or the blocked sgemm search (panels as this machine's L2 gives them)."""
+    _use_kernel(monkeypatch, request.param)
+    return request.param
+
+
+@pytest.fixture(params=["fused", "blocked-1panel", "blocked-8panels", "blocked-6panels"])
+def search_path(request, monkeypatch):
+    """Both kernels, the blocked one with each panel layout of :func:`panel_codes`."""
+    kernel, _, layout = request.param.partition("-")
+    _use_kernel(monkeypatch, kernel)
+    panels = {"1panel": _CPU_BLOCK_CODES, "8panels": 4 * _ARGMIN_GROUP, "6panels": 5 * _ARGMIN_GROUP}
+    if layout:
+        monkeypatch.setattr(functional, "_CPU_PANEL_CODES", panels[layout])
     return request.param
 
 
@@ -47,7 +78,7 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("n,k,d,max_chunk_bytes", SHAPES)
-def test_matches_brute_force_exactly(n, k, d, max_chunk_bytes, panel_codes):
+def test_matches_brute_force_exactly(n, k, d, max_chunk_bytes, search_path):
     z, codebook = _integer_data(n, k, d, seed=n + k + d)
     indices = nearest_codes(z, codebook, max_chunk_bytes)
     assert indices.shape == (n,) and indices.dtype == torch.int64
@@ -55,7 +86,7 @@ def test_matches_brute_force_exactly(n, k, d, max_chunk_bytes, panel_codes):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_continuous_data_finds_a_nearest_code(seed, panel_codes):
+def test_continuous_data_finds_a_nearest_code(seed, search_path):
     gen = torch.Generator().manual_seed(seed)
     n, k, d = 300, 2 * _CPU_BLOCK_CODES + 77, 16
     z = torch.randn(n, d, generator=gen)
@@ -69,7 +100,7 @@ def test_continuous_data_finds_a_nearest_code(seed, panel_codes):
     assert (indices == dist.argmin(dim=1)).float().mean() > 0.99
 
 
-def test_duplicate_codes_go_to_the_lowest_index(panel_codes):
+def test_duplicate_codes_go_to_the_lowest_index(search_path):
     gen = torch.Generator().manual_seed(3)
     k, d = 3 * _CPU_BLOCK_CODES + 50, 4
     codebook = torch.randn(k, d, generator=gen) + 10.0  # far from the duplicates below
@@ -85,14 +116,14 @@ def test_duplicate_codes_go_to_the_lowest_index(panel_codes):
 
 
 @pytest.mark.parametrize("d", [3, 16, 256])
-def test_identical_codebook_gives_index_zero(d):
+def test_identical_codebook_gives_index_zero(d, kernel):
     z = torch.randn(20, d, generator=torch.Generator().manual_seed(d))
     codebook = torch.full((3 * _ARGMIN_GROUP + 1, d), 0.3)
     for bound in (4, 4 * 20, 4 * 1000, 64 * 2**20):  # blocks of several widths: BLAS rounds them differently
         assert torch.equal(nearest_codes(z, codebook, bound), torch.zeros(20, dtype=torch.long))
 
 
-def test_duplicates_among_many_equal_norms(panel_codes):
+def test_duplicates_among_many_equal_norms(search_path):
     # unit-norm codes (the cosine case) share their norm bit for bit far more often than random codes
     gen = torch.Generator().manual_seed(8)
     base = torch.eye(6)[torch.randint(0, 6, (500,), generator=gen)] * torch.where(
@@ -109,6 +140,7 @@ def test_duplicates_among_many_equal_norms(panel_codes):
 
 
 def test_duplicate_detection_survives_hash_collisions(monkeypatch):
+    _use_kernel(monkeypatch, "blocked")
     from fvq.quantizers import functional
 
     monkeypatch.setattr(functional, "_bit_hash", lambda codebook, rows: torch.zeros(rows.numel(), dtype=torch.long))
@@ -118,7 +150,7 @@ def test_duplicate_detection_survives_hash_collisions(monkeypatch):
 
 
 @pytest.mark.parametrize("bound", [4, 4 * 5, 4 * _ARGMIN_GROUP, 4 * _CPU_BLOCK_CODES, 64 * 2**20])
-def test_block_boundaries(bound, panel_codes):
+def test_block_boundaries(bound, search_path):
     k, d = 2 * _CPU_BLOCK_CODES + _ARGMIN_GROUP + 3, 3
     rows, codes, _ = _search_block_shape(1, k, bound, torch.device("cpu"))
     edges = {0, 1, codes - 1, codes, codes + 1, _ARGMIN_GROUP - 1, _ARGMIN_GROUP, k - codes, k - 2, k - 1}
@@ -137,7 +169,7 @@ def test_block_boundaries(bound, panel_codes):
 
 
 @pytest.mark.parametrize("bound", [4 * 100, 64 * 2**20])
-def test_nan_distances_follow_torch_argmin(bound, panel_codes):
+def test_nan_distances_follow_torch_argmin(bound, search_path):
     """A NaN distance wins, the first one in index order, as torch.argmin over the full matrix has it."""
     gen = torch.Generator().manual_seed(8)
     k = 3 * _CPU_BLOCK_CODES + _ARGMIN_GROUP + 6  # several code blocks and a tail
@@ -161,7 +193,8 @@ def test_block_shape_respects_the_bound(n, k, bound, panel_codes):
     assert codes == k or codes % panel == 0  # every block but the last is whole panels
 
 
-def test_no_allocation_exceeds_the_bound():
+def test_no_allocation_exceeds_the_bound(monkeypatch):
+    _use_kernel(monkeypatch, "blocked")  # the fused kernel holds no distance block at all
     z, codebook = _integer_data(700, 600, 2, seed=4)
     bound = 4 * 50 * 128
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -173,7 +206,8 @@ def test_no_allocation_exceeds_the_bound():
     assert torch.equal(indices, _brute_force(z, codebook))
 
 
-def test_scratch_is_kept_for_the_same_shape_and_replaced_for_another():
+def test_scratch_is_kept_for_the_same_shape_and_replaced_for_another(monkeypatch):
+    _use_kernel(monkeypatch, "blocked")
     bound = 4 * 64 * 300
     z, codebook = _integer_data(90, 700, 5, seed=9)
     assert torch.equal(nearest_codes(z, codebook, bound), _brute_force(z, codebook))
@@ -191,7 +225,7 @@ def test_scratch_is_kept_for_the_same_shape_and_replaced_for_another():
     assert functional._SCRATCH.buffers[0].shape == (40, 3 + 1)  # (queries of the sweep, D + 1)
 
 
-def test_threads_search_at_the_same_time():
+def test_threads_search_at_the_same_time(kernel):
     data = [_integer_data(300, 2 * _CPU_BLOCK_CODES + 9, 6, seed=20 + t) for t in range(4)]
     results: dict[int, torch.Tensor] = {}
 
@@ -209,7 +243,7 @@ def test_threads_search_at_the_same_time():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_inputs_are_searched_in_fp32(dtype):
+def test_low_precision_inputs_are_searched_in_fp32(dtype, kernel):
     gen = torch.Generator().manual_seed(5)
     z = torch.randn(200, 32, generator=gen).to(dtype)
     codebook = torch.randn(600, 32, generator=gen).to(dtype)
@@ -222,7 +256,7 @@ def test_low_precision_inputs_are_searched_in_fp32(dtype):
     )
 
 
-def test_autocast_does_not_lower_the_precision():
+def test_autocast_does_not_lower_the_precision(kernel):
     gen = torch.Generator().manual_seed(6)
     z = torch.randn(200, 32, generator=gen) + 3.0  # a common offset: large dot products, small differences
     codebook = torch.randn(600, 32, generator=gen) + 3.0
@@ -236,7 +270,7 @@ def test_autocast_does_not_lower_the_precision():
     assert torch.equal(got, expected)
 
 
-def test_gradients_and_empty_queries():
+def test_gradients_and_empty_queries(kernel):
     z = torch.randn(6, 4, requires_grad=True)
     codebook = torch.randn(9, 4, requires_grad=True)
     indices = nearest_codes(z, codebook)

@@ -13,9 +13,14 @@ from fvq.quantizers import search_benchmark
 
 
 def test_measure_search_agrees_with_brute_force():
-    result = search_benchmark.measure_search(300, 64, 16, 1, torch.device("cpu"), baseline_max_bytes=2**30)
+    result = search_benchmark.measure_search(300, 64, 16, 3, torch.device("cpu"), baseline_max_bytes=2**30)
     assert result["K"] == 300 and result["N"] == 64 and result["D"] == 16
     assert result["seconds"] > 0 and result["gflops"] > 0 and result["sgemm_gflops"] > 0
+    # one paired ratio per timed call, none above the best-against-best one's own call (that sgemm is <= the best)
+    assert len(result["paired_ratios"]) == 3 and all(r > 0 for r in result["paired_ratios"])
+    assert result["paired_ratio"] == sorted(result["paired_ratios"])[1]
+    assert max(result["paired_ratios"]) >= result["ratio"] * (1 - 1e-9)
+    assert result["kernel"] in ("fused", "blocked")
     assert result["wrong"] == 0
     assert result["peak_mib"] >= 0
 
