@@ -328,6 +328,11 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
     """Exact nearest code under squared L2 distance, in fp32, with bounded memory.
 
     ``argmin_k ||z_i - c_k||^2 = argmin_k (||c_k||^2 - 2 z_i . c_k)``, as ``||z_i||^2`` is the same for every code.
+    On CPUs whose widest vector unit is AVX2 (and where ``FVQ_SEARCH_KERNEL`` allows it) the fused kernel of
+    :mod:`fvq.quantizers.fused_search` runs whenever every distance is provably finite: it folds register tiles of
+    distances into running minima and holds no distance block at all. Otherwise (AVX-512 CPUs, GPUs, non-finite
+    inputs, ``FVQ_SEARCH_KERNEL=blocked``) the blocked search below runs; both give the argmin of their fp32
+    distances with ties going to the lowest index, identical codes included.
     Distances are computed ``(rows, codes)`` at a time on augmented operands, ``[-2 z_i, 1] . [c_k, ||c_k||^2]`` (the
     bias rides in the matmul instead of costing a pass over the block, and the ``-2`` is an exact scaling), by one
     sgemm per panel of codes sized to the L2 cache, each panel's group minima taken right after its sgemm, and each
@@ -352,7 +357,9 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
 
     Raises:
         TypeError: if an input is not a floating-point tensor.
-        ValueError: on wrong ranks, different ``D``, an empty codebook, different devices or a bound below 4 bytes.
+        ValueError: on wrong ranks, different ``D``, an empty codebook, different devices or a bound below 4 bytes,
+            or an unknown ``FVQ_SEARCH_KERNEL``.
+        FusedKernelUnavailable: with ``FVQ_SEARCH_KERNEL=fused`` where that kernel cannot run.
     """
     _check_search_inputs(z, codebook, max_chunk_bytes)
     (n, d), k = z.shape, codebook.shape[0]

@@ -7,19 +7,14 @@ import warnings
 
 import pytest
 import torch
+from search_kernels import use_search_kernel
 
 from fvq.quantizers import functional, fused_search, nearest_codes
 
 
 @pytest.fixture(autouse=True)
 def fused(monkeypatch):
-    try:
-        fused_search._load()
-    except fused_search.FusedKernelUnavailable as err:
-        if os.environ.get("FVQ_REQUIRE_FUSED_SEARCH") == "1":
-            raise
-        pytest.skip(f"the fused kernel cannot run here: {err}")
-    monkeypatch.setenv("FVQ_SEARCH_KERNEL", "fused")
+    use_search_kernel(monkeypatch, "fused")
 
 
 def _brute_force(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,12 @@
 """Exact nearest-code search: equality with brute force, ties, block boundaries, dtypes, memory bound, errors."""
 
-import os
 import threading
 
 import pytest
 import torch
+from search_kernels import use_search_kernel
 
-from fvq.quantizers import functional, fused_search, nearest_codes
+from fvq.quantizers import functional, nearest_codes
 from fvq.quantizers.functional import _ARGMIN_GROUP, _CPU_BLOCK_CODES, _search_block_shape
 
 
@@ -24,22 +24,11 @@ def _integer_data(n: int, k: int, d: int, seed: int, high: int = 3) -> tuple[tor
     return z, codebook
 
 
-def _use_kernel(monkeypatch, kernel: str) -> None:
-    if kernel == "fused":
-        try:
-            fused_search._load()
-        except fused_search.FusedKernelUnavailable as err:
-            if os.environ.get("FVQ_REQUIRE_FUSED_SEARCH") == "1":
-                raise
-            pytest.skip(f"the fused kernel cannot run here: {err}")
-    monkeypatch.setenv("FVQ_SEARCH_KERNEL", kernel)
-
-
 @pytest.fixture(params=[_CPU_BLOCK_CODES, 4 * _ARGMIN_GROUP, 5 * _ARGMIN_GROUP], ids=["1panel", "8panels", "6panels"])
 def panel_codes(request, monkeypatch):
     """The blocked search with matmul panels of the whole block (a 2 MiB L2), eight panels a block (a 256 KiB L2),
     or a width that does not divide the block (the block shrinks to six panels)."""
-    _use_kernel(monkeypatch, "blocked")
+    use_search_kernel(monkeypatch, "blocked")
     monkeypatch.setattr(functional, "_CPU_PANEL_CODES", request.param)
     return request.param
 
@@ -47,7 +36,7 @@ def panel_codes(request, monkeypatch):
 @pytest.fixture(params=["fused", "blocked"])
 def kernel(request, monkeypatch):
     """The fused AVX2 kernel, or the blocked sgemm search (panels as this machine's L2 gives them)."""
-    _use_kernel(monkeypatch, request.param)
+    use_search_kernel(monkeypatch, request.param)
     return request.param
 
 
@@ -55,7 +44,7 @@ def kernel(request, monkeypatch):
 def search_path(request, monkeypatch):
     """Both kernels, the blocked one with each panel layout of :func:`panel_codes`."""
     kernel, _, layout = request.param.partition("-")
-    _use_kernel(monkeypatch, kernel)
+    use_search_kernel(monkeypatch, kernel)
     panels = {"1panel": _CPU_BLOCK_CODES, "8panels": 4 * _ARGMIN_GROUP, "6panels": 5 * _ARGMIN_GROUP}
     if layout:
         monkeypatch.setattr(functional, "_CPU_PANEL_CODES", panels[layout])
@@ -140,7 +129,7 @@ def test_duplicates_among_many_equal_norms(search_path):
 
 
 def test_duplicate_detection_survives_hash_collisions(monkeypatch):
-    _use_kernel(monkeypatch, "blocked")
+    use_search_kernel(monkeypatch, "blocked")
     from fvq.quantizers import functional
 
     monkeypatch.setattr(functional, "_bit_hash", lambda codebook, rows: torch.zeros(rows.numel(), dtype=torch.long))
@@ -194,7 +183,7 @@ def test_block_shape_respects_the_bound(n, k, bound, panel_codes):
 
 
 def test_no_allocation_exceeds_the_bound(monkeypatch):
-    _use_kernel(monkeypatch, "blocked")  # the fused kernel holds no distance block at all
+    use_search_kernel(monkeypatch, "blocked")  # the fused kernel holds no distance block at all
     z, codebook = _integer_data(700, 600, 2, seed=4)
     bound = 4 * 50 * 128
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -207,7 +196,7 @@ def test_no_allocation_exceeds_the_bound(monkeypatch):
 
 
 def test_scratch_is_kept_for_the_same_shape_and_replaced_for_another(monkeypatch):
-    _use_kernel(monkeypatch, "blocked")
+    use_search_kernel(monkeypatch, "blocked")
     bound = 4 * 64 * 300
     z, codebook = _integer_data(90, 700, 5, seed=9)
     assert torch.equal(nearest_codes(z, codebook, bound), _brute_force(z, codebook))
