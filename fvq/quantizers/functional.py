@@ -237,7 +237,7 @@ def _fold_block_min(block: _BlockViews, start: int, best_val: Tensor, best_idx: 
     panels = len(block.panels)
     if groups:
         minima = block.minima  # (p, n, G), computed panel by panel: see nearest_codes
-        row_min = minima[0].amin(dim=1) if panels == 1 else minima.amin(dim=(0, 2))  # (n,)
+        row_min = block.panel_minima[0].amin(dim=1) if panels == 1 else minima.amin(dim=(0, 2))  # (n,)
     else:
         row_min, column = _first_min(block.panels[0])  # (n,), (n,)
     better = (row_min < best_val) | (row_min.isnan() & ~best_val.isnan())  # (n,)
@@ -249,7 +249,7 @@ def _fold_block_min(block: _BlockViews, start: int, best_val: Tensor, best_idx: 
         return
     if groups:
         if panels == 1:
-            _, first_group = _first_min(minima[0].index_select(0, rows))  # (r,)
+            _, first_group = _first_min(block.panel_minima[0].index_select(0, rows))  # (r,)
             flat = torch.add(first_group, rows, alpha=groups)  # (r,) row of the group in ``group_rows``
         else:
             picked = minima.index_select(1, rows).transpose(0, 1).reshape(rows.numel(), panels * groups)  # (r, p G)
@@ -371,7 +371,7 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
         z, codebook = z.detach(), codebook.detach()
         code_sq = _squared_norms(codebook)  # (K,) fp32
         if fused_search.wanted(device) and fused_search.distances_are_finite(z, code_sq):
-            return fused_search.nearest_codes_fused(z, codebook, code_sq)
+            return fused_search.nearest_codes_fused(z, codebook, code_sq, out=out)
         rows, codes, panel = _search_block_shape(n, k, max_chunk_bytes, device)
         sweep = min(n, max(rows, _SWEEP_ROWS))
         # [-2 z_i, 1], [c_k, ||c_k||^2], one (rows, codes) distance block, its group minima

@@ -147,11 +147,11 @@ def wanted(device: torch.device) -> bool:
     it everywhere on CPU and raises where it cannot run.
     """
     choice = kernel_choice()
-    if choice == "blocked" or device.type != "cpu":
-        if choice == "fused" and device.type != "cpu":
+    if device.type != "cpu":
+        if choice == "fused":
             raise FusedKernelUnavailable(f"{KERNEL_ENV}=fused, but the fused kernel runs on CPU only, not {device}")
         return False
-    if choice == "auto" and torch.backends.cpu.get_cpu_capability() != "AVX2":
+    if choice == "blocked" or (choice == "auto" and torch.backends.cpu.get_cpu_capability() != "AVX2"):
         return False
     first_failure = _failure is None and _library is None
     try:
@@ -179,19 +179,33 @@ def distances_are_finite(z: Tensor, code_sq: Tensor) -> bool:
     return c_max + 2.0 * (z.shape[1] ** 0.5) * z_max * c_max**0.5 < _FINITE_BOUND
 
 
-def nearest_codes_fused(z: Tensor, codebook: Tensor, code_sq: Tensor) -> Tensor:
+def nearest_codes_fused(z: Tensor, codebook: Tensor, code_sq: Tensor, out: Tensor | None = None) -> Tensor:
     """Nearest code of each row of ``z`` (``(N, D)``) among the rows of ``codebook`` (``(K, D)``), ``(N,)`` int64.
 
     ``code_sq`` is ``||c_k||^2`` in fp32 (``(K,)``). The caller checks :func:`distances_are_finite`; inputs of
     other dtypes are cast to fp32. Ties go to the lowest index, and identical codes always tie exactly (every code's
-    dot product is summed in the same order).
+    dot product is summed in the same order). ``out``, if given, is an ``(N,)`` int64 CPU tensor written in place.
 
     Raises:
         FusedKernelUnavailable: where the kernel cannot run.
+        ValueError: on shapes, devices or an ``out`` that do not fit together, or K of 2**31 or more.
         MemoryError: when the kernel's scratch memory cannot be allocated.
     """
     library = _load()
+    if z.ndim != 2 or codebook.ndim != 2 or z.shape[1] != codebook.shape[1] or code_sq.shape != codebook.shape[:1]:
+        raise ValueError(
+            "nearest_codes_fused expects z (N, D), codebook (K, D) and code_sq (K,); got "
+            f"{tuple(z.shape)}, {tuple(codebook.shape)} and {tuple(code_sq.shape)}"
+        )
     (n, d), k = z.shape, codebook.shape[0]
+    if not (z.device.type == codebook.device.type == code_sq.device.type == "cpu"):
+        raise ValueError(f"the fused kernel runs on CPU tensors; got {z.device}, {codebook.device}, {code_sq.device}")
+    if out is None:
+        out = torch.empty(n, dtype=torch.long)
+    elif out.shape != (n,) or out.dtype != torch.long or out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous ({n},) int64 CPU tensor, got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
     if k >= 2**31:
         raise ValueError(f"the fused kernel indexes codes with int32, so K must be below 2**31; got K = {k}")
     z32 = z.detach().float()
@@ -199,7 +213,6 @@ def nearest_codes_fused(z: Tensor, codebook: Tensor, code_sq: Tensor) -> Tensor:
     c32 = codebook.detach().float()
     c32 = c32 if c32.stride(1) == 1 else c32.contiguous()
     sq = code_sq.detach().float().contiguous()
-    out = torch.empty(n, dtype=torch.long)
     if n == 0:
         return out
     status = library.fvq_nearest_codes(

@@ -172,3 +172,15 @@ def test_scratch_memory_is_small():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) < 48 * 2**20
+
+
+def test_direct_calls_check_shapes_and_out():
+    z, codebook = _integer_data(10, 20, 3, seed=7)
+    sq = functional._squared_norms(codebook)
+    with pytest.raises(ValueError, match=r"expects z \(N, D\), codebook \(K, D\).*\(10, 3\), \(20, 4\)"):
+        fused_search.nearest_codes_fused(z, torch.zeros(20, 4), sq)
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(10,\) int64 CPU tensor, got \(9,\)"):
+        fused_search.nearest_codes_fused(z, codebook, sq, out=torch.empty(9, dtype=torch.long))
+    out = torch.empty(10, dtype=torch.long)
+    assert fused_search.nearest_codes_fused(z, codebook, sq, out=out) is out
+    assert torch.equal(out, _brute_force(z, codebook))
