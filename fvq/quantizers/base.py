@@ -116,6 +116,38 @@ class Quantizer(nn.Module):
     codebook_size: int
     codes_per_position: int = 1
 
+    # ---------------------------------------------------------------------------------------------------------------
+    # what the trainer needs to know
+    def sub_quantizers(self) -> list[Quantizer]:
+        """The quantizers this one is made of (the nearest :class:`Quantizer` descendants; empty for a leaf)."""
+        found: list[Quantizer] = []
+        pending = list(self.children())
+        while pending:
+            module = pending.pop(0)
+            if isinstance(module, Quantizer):
+                found.append(module)
+            else:
+                pending.extend(module.children())
+        return found
+
+    def set_step(self, step: int) -> None:
+        """Tell the quantizer the optimizer step, the same on every rank, before each training step.
+
+        Step-dependent schedules (a Gumbel temperature) and randomness that every rank must draw alike (the depth of
+        quantizer dropout) are pure functions of it, so a resumed run, on any number of ranks, draws what the
+        uninterrupted one drew. The default passes the step to :meth:`sub_quantizers`.
+        """
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        for sub in self.sub_quantizers():
+            sub.set_step(step)
+
+    @property
+    def may_leave_parameters_unused(self) -> bool:
+        """Whether a training step may leave some parameters without a gradient (DDP must then look for unused
+        parameters). The default asks :meth:`sub_quantizers`."""
+        return any(sub.may_leave_parameters_unused for sub in self.sub_quantizers())
+
     def forward(self, z: Tensor) -> QuantizerOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 

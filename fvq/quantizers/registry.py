@@ -138,7 +138,7 @@ def _check_keys(kwargs: dict[str, Any], valid: tuple[str, ...], owner: str) -> N
 
 def _build_residual(kwargs: dict[str, Any]) -> Quantizer:
     sub = _sub_config(kwargs, "residual")
-    _check_keys(kwargs, ("num_quantizers", "shared_codebook", "quantizer_dropout"), "residual")
+    _check_keys(kwargs, ("num_quantizers", "shared_codebook", "quantizer_dropout", "dropout_seed"), "residual")
     if "num_quantizers" not in kwargs:
         raise ValueError("'residual' config needs 'num_quantizers' (number of depths)")
     n = int(kwargs["num_quantizers"])
@@ -146,7 +146,12 @@ def _build_residual(kwargs: dict[str, Any]) -> Quantizer:
         raise ValueError(f"num_quantizers must be >= 1, got {n}")
     shared = bool(kwargs.get("shared_codebook", True))
     inner: Quantizer | list[Quantizer] = build_quantizer(sub) if shared else [build_quantizer(sub) for _ in range(n)]
-    return ResidualQuantizer(inner, num_quantizers=n, quantizer_dropout=float(kwargs.get("quantizer_dropout", 0.0)))
+    return ResidualQuantizer(
+        inner,
+        num_quantizers=n,
+        quantizer_dropout=float(kwargs.get("quantizer_dropout", 0.0)),
+        dropout_seed=int(kwargs.get("dropout_seed", 0)),
+    )
 
 
 def _build_grouped(kwargs: dict[str, Any]) -> Quantizer:

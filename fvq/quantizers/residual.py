@@ -54,6 +54,9 @@ class ResidualQuantizer(Quantizer):
         quantizer_dropout: Probability that a training batch uses only the first ``n ~ U{1..num_quantizers}``
             depths (SoundStream's quantizer dropout, drawn once per batch so one model serves several bitrates).
             The indices of the depths not run are ``-1`` in that batch's output. Never applied in eval mode.
+        dropout_seed: Seed of the dropout draws. They come from a generator of this module that :meth:`set_step`
+            reseeds from ``(dropout_seed, step)``: every rank draws the same depth (ranks must run the same
+            collectives and report the same metrics) and a resumed run draws what the uninterrupted one drew.
 
     Outputs: ``indices`` ``(B, H, W, num_quantizers)`` or ``(N, num_quantizers)``; ``losses`` and ``loss`` are the
     means over the depths run of each depth's terms; ``metrics`` hold ``depth{d}/usage``, ``depth{d}/perplexity`` and
@@ -70,6 +73,7 @@ class ResidualQuantizer(Quantizer):
         *,
         num_quantizers: int | None = None,
         quantizer_dropout: float = 0.0,
+        dropout_seed: int = 0,
     ) -> None:
         super().__init__()
         if isinstance(quantizer, Quantizer):
@@ -92,15 +96,30 @@ class ResidualQuantizer(Quantizer):
         self.num_quantizers = num_quantizers
         self.codes_per_position = num_quantizers
         self.quantizer_dropout = quantizer_dropout
+        self.dropout_seed = int(dropout_seed)
+        self._dropout_generator = torch.Generator().manual_seed(self.dropout_seed)
 
     def quantizer_at(self, depth: int) -> Quantizer:
         """The quantizer used at ``depth`` (the same module at every depth when shared)."""
         return self.layers[0 if self.shared else depth]
 
+    def set_step(self, step: int) -> None:
+        """Reseed the dropout draws from ``(dropout_seed, step)`` (see the class docstring), then tell the depths."""
+        super().set_step(step)
+        self._dropout_generator.manual_seed(self.dropout_seed * 1_000_003 + step)
+
+    @property
+    def may_leave_parameters_unused(self) -> bool:
+        """Per-depth codebooks of the depths a dropped batch does not run get no gradient."""
+        return (not self.shared and self.quantizer_dropout > 0) or super().may_leave_parameters_unused
+
     def _active_depths(self) -> int:
-        if self.training and self.quantizer_dropout > 0 and float(torch.rand(())) < self.quantizer_dropout:
-            return int(torch.randint(1, self.num_quantizers + 1, ()))
-        return self.num_quantizers
+        if not (self.training and self.quantizer_dropout > 0):
+            return self.num_quantizers
+        # a CPU generator: the draw never waits for an accelerator
+        draw = torch.rand((), generator=self._dropout_generator)
+        depth = torch.randint(1, self.num_quantizers + 1, (), generator=self._dropout_generator)
+        return int(depth) if float(draw) < self.quantizer_dropout else self.num_quantizers
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """Quantize ``z`` of shape ``(B, D, H, W)`` or ``(N, D)`` with ``num_quantizers`` codes per position."""
@@ -176,6 +195,7 @@ class ResidualQuantizer(Quantizer):
             layers[0] if self.shared else layers,
             num_quantizers=self.num_quantizers,
             quantizer_dropout=self.quantizer_dropout,
+            dropout_seed=self.dropout_seed,
         )
         return exported.train(self.training)
 

@@ -282,8 +282,7 @@ class VectorQuantizer(Quantizer):
 
     def set_step(self, step: int) -> None:
         """Tell the quantizer the training step (drives the temperature schedule; a pure function of the step)."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        super().set_step(step)
         self.step = int(step)
 
     def current_temperature(self) -> float:

@@ -144,7 +144,7 @@ class Trainer:
                 model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,  # quantizers keep their own buffers in sync (all-reduce + broadcast)
-                find_unused_parameters=bool(config.quantizer.get("dropout", False)),
+                find_unused_parameters=model.quantizer.may_leave_parameters_unused,
             )
 
         scale = config.global_batch_size / config.optim.base_batch_size
@@ -222,9 +222,7 @@ class Trainer:
         """
         cfg = self.config
         lr_factor = self._set_lr(step)
-        for module in self.tokenizer.modules():  # step-dependent quantizer schedules (e.g. Gumbel temperature)
-            if module is not self.tokenizer and callable(getattr(module, "set_step", None)):
-                module.set_step(step)
+        self.tokenizer.quantizer.set_step(step)  # step-dependent schedules and rank-shared draws
         accum = len(micro_batches)
         self.model.train()
         self.loss.train()
