@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from fvq.training.checkpoint import CHECKPOINT_PATTERN, list_checkpoints
+from fvq.runs import CHECKPOINT_PATTERN, list_checkpoints
 from fvq.training.logging import read_log
 
 if TYPE_CHECKING:

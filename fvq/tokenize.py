@@ -196,7 +196,7 @@ def _is_exported_folder(path: Path) -> bool:
 
 def _resolve_checkpoint(path: Path) -> Path:
     """The training checkpoint file behind a run folder or checkpoint path (same search as ``load_tokenizer``)."""
-    from fvq.training.checkpoint import latest_checkpoint
+    from fvq.runs import latest_checkpoint
 
     if path.is_dir():
         found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
@@ -213,7 +213,7 @@ def _resolve_checkpoint(path: Path) -> Path:
 
 def _training_provenance(checkpoint: Path) -> dict[str, Any]:
     """Step, image size and evaluation crop of a training checkpoint (read memory-mapped: tensors stay on disk)."""
-    from fvq.training.checkpoint import load_checkpoint
+    from fvq.runs import load_checkpoint
 
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)

@@ -18,7 +18,7 @@ def load_tokenizer(path: str | Path, map_location: str | torch.device = "cpu") -
 
     Training checkpoints keep the projector (e.g. the VQBridge); call ``.export()`` to fold it away.
     """
-    from fvq.training.checkpoint import latest_checkpoint, load_checkpoint
+    from fvq.runs import latest_checkpoint, load_checkpoint
 
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():

@@ -1,19 +1,13 @@
-"""Training checkpoints: full state for an exact resume, written atomically by rank 0, loadable with
-``torch.load(weights_only=True)`` (tensors and plain data only; the config is stored as a dict, never an object)."""
+"""Random states of a process, as tensors and plain data, for the exact resume of training checkpoints (the files
+themselves are written and found by :mod:`fvq.runs`)."""
 
 from __future__ import annotations
 
-import os
 import random
-import re
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 
 
 def rng_state() -> dict[str, Any]:
@@ -42,47 +36,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, keep: int) -> Path:
-    """Write ``state`` to ``directory/step_{step:08d}.pt`` atomically, then keep only the ``keep`` newest."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step_{step:08d}.pt"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".step_", suffix=".pt.tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    for old in list_checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
-    return final
-
-
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoints in ``directory``, oldest first (temporary files are ignored)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    found = list_checkpoints(directory)
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``: no code is unpickled)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # a truncated or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err

@@ -36,7 +36,8 @@ from fvq.distributed import (
 from fvq.evaluation.evaluate import PSNR_CAP
 from fvq.evaluation.metrics import psnr
 from fvq.quantizers.usage import CodebookUsage
-from fvq.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fvq.runs import RunFolder, load_checkpoint, save_checkpoint
+from fvq.training.checkpoint import rng_state, set_rng_state
 from fvq.training.config import TrainConfig
 from fvq.training.logging import MetricLogger
 from fvq.training.lr_schedule import AnnealingSchedule
@@ -503,28 +504,6 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
-RUN_OUTPUTS = ("checkpoints", "log.jsonl", "metrics.json", "tensorboard", "reconstructions.png", "val_code_counts.pt")
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
-    """Refuse to mix two runs in one folder: a folder with a previous run needs ``resume`` or ``overwrite``."""
-    previous = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    if resume or not previous:
-        return
-    if not overwrite:
-        raise ValueError(
-            f"{run_dir} already holds a run ({', '.join(previous)}); continue it with --resume, start over with "
-            f"--overwrite, or choose another --out"
-        )
-    if is_main:
-        import shutil
-
-        for name in previous:
-            path = run_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    barrier()
-
-
 def flush_denormals() -> bool:
     """Treat subnormal floats as zero on this CPU (x86 FTZ/DAZ); returns whether the CPU supports it.
 
@@ -553,19 +532,21 @@ def train(
     flush_denormals()
     ctx = init_distributed(config.device)
     try:
-        prepare_run_dir(Path(run_dir), resume, overwrite, ctx.is_main)
+        run = RunFolder(run_dir)
+        run.prepare(resume=resume, overwrite=overwrite, is_main=ctx.is_main)
+        barrier()
         trainer = Trainer(config, run_dir, ctx)
         if resume:
-            path = latest_checkpoint(Path(run_dir) / "checkpoints")
+            path = run.latest_checkpoint()
             if path is None:
-                raise FileNotFoundError(f"--resume: no checkpoint found in {Path(run_dir) / 'checkpoints'}")
+                raise FileNotFoundError(f"--resume: no checkpoint found in {run.checkpoint_dir}")
             state = load_checkpoint(path, map_location=ctx.device)
             saved = TrainConfig.from_dict(state["config"]).to_dict()
             if saved != config.to_dict():
                 diff = sorted(k for k in saved if saved[k] != config.to_dict().get(k))
                 raise ValueError(
                     f"--resume: the config differs from the checkpoint's in {diff}; resume with the same config "
-                    f"(it is saved in {Path(run_dir) / 'config.yaml'})"
+                    f"(it is saved in {run.config_file})"
                 )
             trainer.load_state_dict(state)
         return trainer.fit(max_steps=max_steps)

@@ -10,7 +10,7 @@ import torch
 from tiny_runs import TINY_TOKENIZER
 
 from fvq.cli import main
-from fvq.training.checkpoint import latest_checkpoint, load_checkpoint
+from fvq.runs import latest_checkpoint, load_checkpoint
 
 TINY = [
     *TINY_TOKENIZER,
