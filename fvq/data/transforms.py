@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 __all__ = [
+    "EVAL_CROPS",
     "CropParams",
     "EvalCrop",
     "RandomResizedCropPaper",
@@ -46,6 +47,12 @@ __all__ = [
 
 EvalProtocol = Literal["llamagen", "fvq"]
 SmallImagePolicy = Literal["resize", "pad"]
+
+EVAL_CROPS: dict[str, str] = {
+    "llamagen": "LlamaGen/ADM crop: short side resized to S (BOX halving, then bicubic), centre crop S x S",
+    "fvq": "FVQ crop: centre crop S x S of the raw image, no resizing (smaller images are first resized up to S)",
+}
+"""The evaluation crops by name (the ``protocol`` of :class:`EvalCrop`), each with what it does (``S`` = image size)."""
 
 
 def sample_rng(*keys: int) -> np.random.Generator:
@@ -246,8 +253,8 @@ class EvalCrop:
     """
 
     def __init__(self, size: int, protocol: EvalProtocol = "llamagen", *, small: SmallImagePolicy = "resize") -> None:
-        if protocol not in ("llamagen", "fvq"):
-            raise ValueError(f"protocol must be 'llamagen' or 'fvq', got {protocol!r}")
+        if protocol not in EVAL_CROPS:
+            raise ValueError(f"protocol must be {' or '.join(map(repr, EVAL_CROPS))}, got {protocol!r}")
         self.size = _check_size(size)
         self.protocol = protocol
         self.small = small

@@ -43,6 +43,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
 from fvq.data.images import batch_images
+from fvq.data.transforms import EVAL_CROPS as PROTOCOLS
+from fvq.data.transforms import EvalProtocol as Protocol
 from fvq.evaluation.fid import FeatureStats, frechet_distance
 from fvq.evaluation.inception import FIDInception, load_inception
 from fvq.evaluation.metrics import psnr, quantize_8bit, ssim, ssim_dr2, to_unit_range
@@ -64,19 +66,12 @@ __all__ = [
     "to_uint8",
 ]
 
-Protocol = Literal["llamagen", "fvq"]
 MetricName = Literal["rfid", "lpips_vgg", "lpips_alex", "psnr", "ssim", "usage"]
 
 METRICS: tuple[str, ...] = ("rfid", "lpips_vgg", "lpips_alex", "psnr", "ssim", "usage")
 """Metric groups :func:`evaluate` can compute (``psnr`` gives ``psnr_rgb`` and ``psnr_y``, ``ssim`` gives ``ssim``
 and ``ssim_dr2``, ``usage`` gives ``usage``, ``perplexity``, ``dead_codes`` and ``tokens``)."""
 DEFAULT_METRICS: tuple[str, ...] = METRICS
-
-PROTOCOLS: dict[str, str] = {
-    "llamagen": "LlamaGen/ADM crop: short side resized to S (BOX halving, then bicubic), centre crop S x S",
-    "fvq": "FVQ crop: centre crop S x S of the raw image, no resizing (smaller images are first resized up to S)",
-}
-"""The evaluation crops of the published protocols (``S`` = image size)."""
 
 PSNR_CAP = 100.0
 """PSNR, in dB, given to an exactly reconstructed image (whose PSNR is infinite) so that the mean stays finite."""
