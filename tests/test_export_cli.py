@@ -10,10 +10,9 @@ import torch
 from tiny_runs import TINY_TOKENIZER
 
 from fvq.cli import main
+from fvq.inference import ExportVerificationError, load_model, model_identity, verify_export
 from fvq.models import Tokenizer
-from fvq.models.loading import load_tokenizer
 from fvq.models.presets import build_autoencoder
-from fvq.tokenize import ExportVerificationError, load_model, model_identity, verify_export
 
 TINY = [
     *TINY_TOKENIZER,
@@ -46,7 +45,7 @@ def test_export_round_trip(run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert str(out / "model.safetensors") in printed and "identical indices and reconstructions" in printed
 
-    trained = load_tokenizer(run)  # training model: raw codebook + VQBridge
+    trained = load_model(run, export=False).tokenizer  # training model: raw codebook + VQBridge
     exported = Tokenizer.from_pretrained(out)
     bridge = sum(p.numel() for n, p in trained.named_parameters() if n.startswith("quantizer.projector."))
     assert bridge > 0
@@ -95,7 +94,7 @@ def test_export_refuses_a_non_empty_folder(run, tmp_path, capsys):
 
 
 def test_verify_export_detects_a_changed_code(run):
-    trained = load_tokenizer(run)
+    trained = load_model(run, export=False).tokenizer
     exported = trained.export().eval()
     verify_export(trained, exported, image_size=16)
     with torch.no_grad():  # a change far below what training would notice
@@ -105,12 +104,12 @@ def test_verify_export_detects_a_changed_code(run):
 
 
 def test_failed_verification_leaves_nothing(run, tmp_path, monkeypatch, capsys):
-    import fvq.tokenize
+    import fvq.inference.export
 
     def broken(*args, **kwargs):
         raise ExportVerificationError("indices on probe images: 3 of 96 indices differ")
 
-    monkeypatch.setattr(fvq.tokenize, "verify_export", broken)
+    monkeypatch.setattr(fvq.inference.export, "verify_export", broken)
     assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 1
     assert "3 of 96 indices differ" in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == []

@@ -12,8 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fvq.cli import main
-from fvq.models import Tokenizer
-from fvq.tokenize import (
+from fvq.inference import (
     TokenFile,
     collect_images,
     decode_tokens,
@@ -24,6 +23,7 @@ from fvq.tokenize import (
     output_names,
     save_tokens,
 )
+from fvq.models import Tokenizer
 
 CONFIG = {
     "model": {"preset": "tiny_f4"},

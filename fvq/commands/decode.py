@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fvq.tokenize import (
+    from fvq.inference import (
+        ForeignTokensError,
         check_tokens,
         existing_outputs,
         iter_decoded,
@@ -34,7 +35,10 @@ def run(args: argparse.Namespace) -> int:
 
     tokens = load_tokens(args.tokens)
     model = load_model(args.model, device=args.device)
-    check_tokens(model, tokens, force=args.force)
+    try:
+        check_tokens(model, tokens, force=args.force)
+    except ForeignTokensError as error:
+        raise ValueError(f"{error} (here: --force)") from error
     names = output_names(tokens.sources, tokens.num_images)
     existing = existing_outputs(args.out, names)
     if existing and not args.overwrite:

@@ -15,6 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fvq.data.transforms import EVAL_CROPS
+
+if TYPE_CHECKING:
+    from fvq.inference import LoadedModel
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +37,7 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--protocol",
-        choices=("llamagen", "fvq"),
+        choices=list(EVAL_CROPS),
         default=None,
         help="crop protocol: llamagen (resize short side, centre crop) or fvq (centre crop, no resize); default: "
         "the model's evaluation crop when recorded, else llamagen",
@@ -61,8 +67,16 @@ def report_skipped(skipped: list[str], total: int) -> None:
         )
 
 
+def image_size_of(args: argparse.Namespace, model: LoadedModel) -> int:
+    """``--image-size``, else the training image size recorded for the model."""
+    image_size = args.image_size if args.image_size is not None else model.image_size
+    if image_size is None:
+        raise ValueError("--image-size is required: the model records no training image size (e.g. --image-size 256)")
+    return image_size
+
+
 def _run(args: argparse.Namespace) -> int:
-    from fvq.tokenize import collect_images, encode_images, load_model, save_tokens
+    from fvq.inference import collect_images, encode_images, load_model, save_tokens
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -74,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
     tokens = encode_images(
         model,
         sources,
-        image_size=args.image_size,
+        image_size=image_size_of(args, model),
         protocol=args.protocol,
         batch_size=args.batch_size,
         num_workers=args.num_workers,

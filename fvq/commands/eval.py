@@ -56,25 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _run_dir_of(model: Path) -> Path | None:
-    """The training run folder ``model`` belongs to (a run folder, or a checkpoint inside ``RUN/checkpoints``)."""
-    if model.is_dir() and not (model / "config.json").is_file():
-        return model
-    if model.is_file() and model.parent.name == "checkpoints":
-        return model.parent.parent
-    return None
-
-
-def _run_config(run_dir: Path | None) -> dict[str, Any]:
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
-        return {}
-    import yaml
-
-    with open(run_dir / "config.yaml") as f:
-        config = yaml.safe_load(f) or {}
-    return config if isinstance(config, dict) else {}
-
-
 def data_config_from_arg(data: str | None, run_config: dict[str, Any]) -> dict[str, Any]:
     """The data config of ``--data``: ``embedded``, an image folder, or tar shards (a ``.tar`` file or pattern)."""
     if data is None:
@@ -97,7 +78,8 @@ def data_config_from_arg(data: str | None, run_config: dict[str, Any]) -> dict[s
 def run(args: argparse.Namespace) -> int:
     from fvq.distributed import cleanup_distributed, init_distributed
     from fvq.evaluation.evaluate import evaluate
-    from fvq.models.loading import load_tokenizer
+    from fvq.inference import load_model
+    from fvq.runs import RunFolder
 
     for name in ("image_size", "num_images", "batch_size"):
         value = getattr(args, name)
@@ -106,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
     model_path = Path(args.model)
     if not model_path.exists():
         raise FileNotFoundError(f"no model or run found at {model_path}")
-    run_dir = _run_dir_of(model_path)
-    run_config = _run_config(run_dir)
+    run = RunFolder.containing(model_path)
+    run_config = run.read_config() if run is not None else {}
     data = data_config_from_arg(args.data, run_config)
     image_size = args.image_size or (run_config.get("data") or {}).get("image_size") or 256
     metrics = [
@@ -122,13 +104,11 @@ def run(args: argparse.Namespace) -> int:
         )
         if not skip
     ]
-    out_dir = Path(args.out) if args.out else (run_dir / "eval" if run_dir is not None else Path("eval"))
+    out_dir = Path(args.out) if args.out else (run.eval_dir if run is not None else Path("eval"))
 
     ctx = init_distributed(args.device)
     try:
-        tokenizer = load_tokenizer(model_path, map_location=ctx.device)
-        if not args.no_export:
-            tokenizer = tokenizer.export()
+        tokenizer = load_model(model_path, device=ctx.device, export=not args.no_export).tokenizer
         result = evaluate(
             tokenizer,
             data,

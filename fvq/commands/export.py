@@ -23,13 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fvq.tokenize import ExportVerificationError, describe_bytes, export_model
+    from fvq.inference import ExportVerificationError, OutputFolderNotEmptyError, describe_bytes, export_model
 
     try:
         report = export_model(args.source, args.out, force=args.force, device=args.device, num_probes=args.probes)
     except ExportVerificationError as error:
         print(f"fvq export: error: {error}; nothing was kept in {args.out}", file=sys.stderr)
         return 1
+    except OutputFolderNotEmptyError as error:
+        raise ValueError(f"{error} (here: --force)") from error
     step = f" (step {report.step})" if report.step is not None else ""
     print(f"exported {report.source}{step}")
     print(

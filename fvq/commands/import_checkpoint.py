@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fvq.inference import describe_bytes, model_identity
     from fvq.models.convert import import_llamagen_checkpoint
-    from fvq.tokenize import describe_bytes, model_identity
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):

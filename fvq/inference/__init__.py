@@ -1,0 +1,87 @@
+"""Using a tokenizer: one loader for every model source, the token file format, export, encode/decode pipelines.
+
+* :mod:`~fvq.inference.loading`: :func:`load_model` reads an exported folder (``config.json`` + ``model.safetensors``),
+  a training run folder (its newest checkpoint) or one training checkpoint; :func:`model_identity` names a model by
+  its inference form, so tokens encoded with a run decode with its export.
+* :mod:`~fvq.inference.tokens`: the token file (:class:`TokenFile`, :func:`save_tokens`, :func:`load_tokens`) and
+  :func:`check_tokens`.
+* :mod:`~fvq.inference.export`: :func:`export_model` (projector folded into the codebook) and :func:`verify_export`.
+* :mod:`~fvq.inference.pipeline`: images -> tokens (:func:`encode_images`, :func:`iter_encoded`), tokens -> images
+  (:func:`decode_tokens`, :func:`iter_decoded`, :func:`write_images`), both at once (:func:`reconstruct_images`).
+"""
+
+from fvq.inference.export import (
+    ExportReport,
+    ExportVerificationError,
+    OutputFolderNotEmptyError,
+    describe_bytes,
+    export_model,
+    verify_export,
+)
+from fvq.inference.loading import (
+    LoadedModel,
+    config_digest,
+    load_model,
+    model_identity,
+    resolve_device,
+    weights_digest,
+)
+from fvq.inference.pipeline import (
+    EncodedBatch,
+    ImageSource,
+    OutputsExistError,
+    ReconstructionReport,
+    collect_images,
+    decode_tokens,
+    encode_images,
+    existing_outputs,
+    iter_decoded,
+    iter_encoded,
+    output_names,
+    reconstruct_images,
+    write_images,
+)
+from fvq.inference.tokens import (
+    TOKEN_FORMAT,
+    TOKEN_FORMAT_VERSION,
+    ForeignTokensError,
+    TokenFile,
+    check_tokens,
+    load_tokens,
+    save_tokens,
+)
+
+__all__ = [
+    "TOKEN_FORMAT",
+    "TOKEN_FORMAT_VERSION",
+    "EncodedBatch",
+    "ExportReport",
+    "ExportVerificationError",
+    "ForeignTokensError",
+    "ImageSource",
+    "LoadedModel",
+    "OutputFolderNotEmptyError",
+    "OutputsExistError",
+    "ReconstructionReport",
+    "TokenFile",
+    "check_tokens",
+    "collect_images",
+    "config_digest",
+    "decode_tokens",
+    "describe_bytes",
+    "encode_images",
+    "existing_outputs",
+    "export_model",
+    "iter_decoded",
+    "iter_encoded",
+    "load_model",
+    "load_tokens",
+    "model_identity",
+    "output_names",
+    "reconstruct_images",
+    "resolve_device",
+    "save_tokens",
+    "verify_export",
+    "weights_digest",
+    "write_images",
+]
