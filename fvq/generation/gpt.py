@@ -115,7 +115,7 @@ class GPTConfig:
         if self.head_dim % 4:
             raise ValueError(
                 f"the head dim dim / n_head = {self.head_dim} must be a multiple of 4: the 2D rotary embedding "
-                f"rotates one quarter of each head's dims pairs by row and one by column"
+                f"turns a quarter of each head's dim pairs by the row and a quarter by the column"
             )
         for name in (
             "class_dropout_prob",
@@ -454,7 +454,8 @@ class GPT(nn.Module):
         # fp32 rotary tables per device; a plain attribute so that casting the model (bf16) never rounds them
         self._rope_tables: dict[torch.device, Tensor] = {}
         self._cache_positions: Tensor | None = None
-        self.reset_parameters()
+        if self.head.weight.device.type != "meta":  # meta: shapes only (parameter counts, loading with assign=True)
+            self.reset_parameters()
 
     # -----------------------------------------------------------------------------------------------------------------
     # construction, properties

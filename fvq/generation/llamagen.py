@@ -178,8 +178,7 @@ def llamagen_gpt_config(
         grid=tuple(grid),
         num_classes=int(num_classes),
         class_dropout_prob=class_dropout_prob,
-        class_position_rope="llamagen",
-        **overrides,
+        **{"class_position_rope": "llamagen", **overrides},
     )
     hidden = _require(state, "layers.0.feed_forward.w1.weight").shape[0]
     if hidden != config.ffn_hidden_dim:
@@ -228,11 +227,19 @@ def convert_llamagen_gpt_state_dict(state: dict[str, Tensor], config: GPTConfig)
     expected_keys |= set(_TOP_NAMES.values())
     missing = sorted(expected_keys - set(out))
     if unexpected or missing:
-        inverse = {v: k for k, v in _TOP_NAMES.items()}
-        named = [inverse.get(k, k) for k in missing]
+        top = {v: k for k, v in _TOP_NAMES.items()}
+        layer = {v: k for k, v in _LAYER_NAMES.items()}
+
+        def llamagen_name(key: str) -> str:
+            if key in top:
+                return top[key]
+            _, index, name = key.split(".", 2)  # blocks.{i}.{name}
+            return f"layers.{index}.{layer[name]}"
+
         raise ValueError(
-            f"the LlamaGen state dict does not match a c2i GPT: {len(unexpected)} unexpected keys "
-            f"{sorted(unexpected)[:10]}, {len(missing)} missing (fvq names) {named[:10]}"
+            f"the LlamaGen state dict does not match a c2i GPT with {config.n_layer} layers: {len(unexpected)} "
+            f"unexpected keys {sorted(unexpected)[:10]}, {len(missing)} missing keys "
+            f"{[llamagen_name(k) for k in missing][:10]}"
         )
     return out
 

@@ -38,6 +38,15 @@ def randomize(model: GPT, seed: int) -> GPT:
     return model
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine the threads' barriers cost 10-20x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_config() -> Callable[..., GPTConfig]:
     """``make_config(**overrides)``: the tiny config (dropouts as GPTConfig's defaults)."""

@@ -138,20 +138,20 @@ def test_class_dropout_rate_and_generator(make_model):
     model = make_model(dropout=True, dim=16, n_layer=1).train()
     seen = []
     model.class_embedding.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
-    batch = 8000
+    batch = 4000
     classes = torch.full((batch,), 2)
     indices = torch.zeros(batch, 12, dtype=torch.long)
     with torch.no_grad():
         model(indices, classes, generator=torch.Generator().manual_seed(0))
         model(indices, classes, generator=torch.Generator().manual_seed(0))
-        model(indices, classes, drop_classes=torch.arange(batch) < 10)
-        model.eval()(indices, classes, drop_classes=torch.arange(batch) < 10)
+        model(indices[:400], classes[:400], drop_classes=torch.arange(400) < 10)
+        model.eval()(indices[:400], classes[:400], drop_classes=torch.arange(400) < 10)
     first, again, forced, evaluated = seen
     assert set(first.unique().tolist()) == {2, 5}  # the label or the null class (row num_classes)
     rate = (first == 5).float().mean().item()
     assert abs(rate - 0.1) < 4 * math.sqrt(0.1 * 0.9 / batch), rate
     assert torch.equal(again, first)  # the generator decides
-    assert (forced[:10] == 5).all() and 0.05 < (forced[10:] == 5).float().mean() < 0.15
+    assert (forced[:10] == 5).all() and 0.03 < (forced[10:] == 5).float().mean() < 0.2
     assert (evaluated[:10] == 5).all() and (evaluated[10:] == 2).all()  # eval mode: no class dropout
 
 
