@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from fvq.quantizers.search_benchmark import main  # noqa: E402
+from fvq.bench.search import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -11,10 +11,10 @@ import sys
 # subcommand. A new benchmark is one more entry here.
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "search": (
-        "fvq.quantizers.search_benchmark",
+        "fvq.bench.search",
         "exact nearest-code search vs the sgemm peak; VectorQuantizer forward + backward at large codebooks",
     ),
-    "quantizers": ("fvq.quantizers.benchmark", "forward + backward time and peak memory of every quantizer family"),
+    "quantizers": ("fvq.bench.quantizers", "forward + backward time and peak memory of every quantizer family"),
 }
 
 

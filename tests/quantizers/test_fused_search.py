@@ -164,7 +164,7 @@ def test_auto_leaves_avx512_cpus_to_the_blocked_search(monkeypatch):
 def test_scratch_memory_is_small():
     # the kernel holds no distance block: a few MiB of packed queries and codes per thread, whatever K is
     code = (
-        "import torch; from fvq.quantizers import search_benchmark as b, nearest_codes; "
+        "import torch; from fvq.bench import search as b; from fvq.quantizers import nearest_codes; "
         "z = torch.randn(8192, 256); c = torch.randn(65536, 256); m = b.PeakMemory(torch.device('cpu')); "
         "m.start(); nearest_codes(z, c); print(m.stop())"
     )

@@ -1,7 +1,7 @@
 """Benchmark every quantizer family: forward + backward time and peak memory at comparable settings.
 
 Defaults: N = 4096 tokens (16 feature maps of 16 x 16), D = 256 input channels, about 2^14 codes where a codebook
-size applies. Run as ``fvq bench quantizers`` or ``python -m fvq.quantizers.benchmark``.
+size applies. Run as ``fvq bench quantizers`` or ``python -m fvq.bench.quantizers``.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the memory held before the step; on CPU, each case runs
 in a fresh subprocess and reports its peak resident set size (``ru_maxrss``) above the resident size measured just
@@ -125,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_case_subprocess(name: str, args: argparse.Namespace) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "fvq.quantizers.benchmark", "--_case", name]
+    cmd = [sys.executable, "-m", "fvq.bench.quantizers", "--_case", name]
     cmd += ["--tokens", str(args.tokens), "--dim", str(args.dim), "--codebook-size", str(args.codebook_size)]
     cmd += ["--repeats", str(args.repeats), "--device", args.device]
     if args.threads:
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fvq.quantizers.benchmark", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fvq.bench.quantizers", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

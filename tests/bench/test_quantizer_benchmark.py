@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fvq.quantizers import benchmark
+from fvq.bench import quantizers as benchmark
 
 
 def test_benchmark_tiny_in_process(tmp_path, capsys):

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
+from fvq.bench import search as search_benchmark
 from fvq.cli import main
 from fvq.commands import bench
-from fvq.quantizers import search_benchmark
 
 
 def test_measure_search_agrees_with_brute_force():
@@ -47,7 +47,7 @@ def test_peak_memory_sees_a_large_allocation():
     # The benchmark measures each case in a fresh process (a long-lived one may serve the block from memory it
     # already holds), so the check runs in one too.
     code = (
-        "import torch; from fvq.quantizers import search_benchmark as b; m = b.PeakMemory(torch.device('cpu')); "
+        "import torch; from fvq.bench import search as b; m = b.PeakMemory(torch.device('cpu')); "
         "m.start(); x = torch.ones(32 * 2**20 // 4); print(m.stop())"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -68,7 +68,7 @@ def test_bench_without_a_name_lists_the_benchmarks(capsys):
 
 
 def test_bench_reports_a_missing_benchmark_module(monkeypatch, capsys):
-    monkeypatch.setitem(bench.BENCHMARKS, "quantizers", ("fvq.quantizers.no_such_benchmark", "missing"))
+    monkeypatch.setitem(bench.BENCHMARKS, "quantizers", ("fvq.bench.no_such_benchmark", "missing"))
     assert main(["bench", "quantizers"]) == 2
     assert "not available" in capsys.readouterr().err
 

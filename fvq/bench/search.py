@@ -273,7 +273,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _child_command(case: str, args: argparse.Namespace) -> list[str]:
-    cmd = [sys.executable, "-m", "fvq.quantizers.search_benchmark", "--_case", case, "--repeats", str(args.repeats)]
+    cmd = [sys.executable, "-m", "fvq.bench.search", "--_case", case, "--repeats", str(args.repeats)]
     cmd += ["--dim", str(args.dim), "--device", args.device, "--baseline-max-gib", str(args.baseline_max_gib)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -437,9 +437,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m fvq.quantizers.search_benchmark", description=__doc__.strip().splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m fvq.bench.search", description=__doc__.strip().splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
