@@ -253,6 +253,8 @@ def generate(
     device = model.device
     classes = torch.as_tensor(classes, device=device)
     model._check_classes(classes)
+    if classes.shape[0] == 0:
+        raise ValueError("classes is empty: pass at least one class id")
     model._check_ranges(classes, None)
     batch, length, vocab = classes.shape[0], model.seq_len, model.config.vocab_size
     scales = [

@@ -200,5 +200,7 @@ def test_bad_classes(make_model):
         generate(model, [0, 5])
     with pytest.raises(ValueError, match="classes must have shape"):
         generate(model, [[0, 1]])
+    with pytest.raises(ValueError, match="classes is empty"):
+        generate(model, torch.zeros(0, dtype=torch.long))
     with pytest.raises(TypeError, match="model must be an fvq GPT"):
         generate(torch.nn.Linear(2, 2), [0])
