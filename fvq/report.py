@@ -1,6 +1,6 @@
 """A self-contained HTML report of a training run (``fvq report RUN``).
 
-The report reads what :mod:`fvq.training.trainer` writes into a run directory (``config.yaml``, ``log.jsonl``,
+The report reads what :mod:`fvq.training` writes into a run directory (:mod:`fvq.runs`) (``config.yaml``, ``log.jsonl``,
 ``metrics.json``, ``reconstructions.png``, ``val_code_counts.pt``, ``checkpoints/``) and, when present, what
 ``fvq eval`` writes (``eval/metrics.json``, ``eval/metrics.md``). It draws the figures of :mod:`fvq.plots` and writes
 one HTML file in which every picture is embedded as a base64 ``data:`` URI (so the single file can be mailed or

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.config or not args.out:
         raise ValueError("usage: fvq train CONFIG --out DIR [--resume] [key=value ...]")
-    from fvq.training.trainer import train
+    from fvq.training.tokenizer_task import train
 
     config = load_config(args.config, args.overrides)
     result = train(config, args.out, resume=args.resume, max_steps=args.stop_after, overwrite=args.overwrite)

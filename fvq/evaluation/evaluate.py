@@ -423,6 +423,19 @@ class ReconstructionEvaluator:
                 raise ValueError("the usage metric needs the batch's code indices; pass indices=")
             self.usage.update(indices.to(self.device))
 
+    @torch.inference_mode()
+    def count_codes(self, indices: Tensor) -> None:
+        """Add code indices of images that are not reconstructed: usage counts them, the image metrics do not.
+
+        Training validation counts usage over the whole held-out set but decodes only its first images.
+
+        Args:
+            indices: Code indices, any shape with values in ``[0, K)``.
+        """
+        if self.usage is None:
+            raise ValueError("count_codes needs the usage metric; add 'usage' to metrics=")
+        self.usage.update(indices.to(self.device))
+
     def compute(self) -> tuple[dict[str, float], dict[str, str]]:
         """All figures over every rank's batches, and their definitions.
 

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from quantizers.test_contract import TINY_CONFIGS
 
 from fvq.training.config import load_config
-from fvq.training.trainer import train
+from fvq.training.tokenizer_task import train
 
 # (case id, quantizer config): every registered family at least once, plus the dropout case of the bug
 VQ = {"type": "vq", "codebook_size": 32, "codebook_dim": 8, "init": "normal", "init_scale": 1.0}

@@ -26,5 +26,5 @@ def test_subnormal_results_are_flushed_in_all_threads():
     if zeros == total:
         pytest.skip("this CPU flushes subnormals by default")
     assert zeros == 0  # without the flag every product is a (slow) subnormal
-    zeros, total = run("from fvq.training.trainer import flush_denormals\nassert flush_denormals()")
+    zeros, total = run("from fvq.training.engine import flush_denormals\nassert flush_denormals()")
     assert zeros == total

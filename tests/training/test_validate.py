@@ -7,7 +7,8 @@ from fvq.data.images import batch_images
 from fvq.distributed import DistributedContext
 from fvq.quantizers import CodebookUsage
 from fvq.training.config import load_config
-from fvq.training.trainer import Trainer
+from fvq.training.engine import Engine
+from fvq.training.tokenizer_task import TokenizerTask
 
 OVERRIDES = [
     *TINY_TOKENIZER,
@@ -22,14 +23,16 @@ OVERRIDES = [
 def test_validation_maps_the_codebook_once_and_counts_as_the_training_forward(tmp_path):
     config = load_config("tiny_fvq", OVERRIDES)
     ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    trainer = Trainer(config, tmp_path, ctx)
-    model = trainer.tokenizer
+    engine = Engine(config, tmp_path, ctx)
+    task = TokenizerTask(engine)
+    engine.attach(task)
+    model = task.tokenizer
     with torch.no_grad():  # a bridge that maps codes apart, as after training (its expansion starts near zero)
         for p in model.quantizer.projector.parameters():
             p.add_(0.3 * torch.randn_like(p))
     calls = []
     hook = model.quantizer.projector.register_forward_hook(lambda *_: calls.append(1))
-    metrics = trainer.validate(step=0)
+    metrics = task.validate(engine, step=0)
     hook.remove()
     assert len(calls) == 1  # three batches of held-out crops, one pass of the bridge
     assert model.training  # the mode it had before
@@ -37,7 +40,7 @@ def test_validation_maps_the_codebook_once_and_counts_as_the_training_forward(tm
     # the same histogram as the training model's own forward in eval mode, batch by batch
     model.eval()
     usage = CodebookUsage(64)
-    loader = torch.utils.data.DataLoader(trainer.val_set, batch_size=8)
+    loader = torch.utils.data.DataLoader(task.val_set, batch_size=8)
     with torch.no_grad():
         for batch in loader:
             usage.update(model.quantizer(model.encode_latents(batch_images(batch))).indices)

@@ -1,0 +1,554 @@
+"""The training engine every fvq model kind shares: one readable loop for one CPU process or many GPUs.
+
+The engine owns what does not depend on the model: process placement, the micro-batch split of the global batch,
+the data position (a pure function of the step, so a resumed run reads what the uninterrupted one read), the
+learning-rate factor (a pure function of the step), gradient accumulation under DDP, clipping, the non-finite-step
+guard, logging, validation, checkpoints and exact resume. A :class:`TrainingTask` supplies the rest: the model, its
+optimizers, the loss of one optimizer step and the validation.
+
+Host synchronisations: a step reads exactly one small tensor on the host (whether every rank's loss and gradients
+were finite, the skip decision all ranks must share). Losses and metrics stay tensors until a log step, where they
+are reduced over ranks and read once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from fvq.distributed import (
+    DistributedContext,
+    all_gather_objects,
+    all_reduce_sum_,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+    is_distributed,
+    world_size,
+)
+from fvq.runs import RunFolder, load_checkpoint, save_checkpoint
+from fvq.training.checkpoint import rng_state, set_rng_state
+from fvq.training.logging import MetricLogger
+from fvq.training.lr_schedule import AnnealingSchedule
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped after too many consecutive steps whose loss or gradients were not finite."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced.
+
+    Attributes:
+        run_dir: The run directory.
+        steps: Optimizer steps completed.
+        checkpoint: Path of the last checkpoint written.
+        metrics: Latest validation figures (``val/...``).
+        skipped_steps: Steps skipped because of a non-finite loss or gradient.
+        is_main: Whether this process is rank 0 (the one that reports).
+    """
+
+    run_dir: Path
+    steps: int
+    checkpoint: Path | None
+    metrics: dict[str, float]
+    skipped_steps: int
+    is_main: bool = True
+
+
+@dataclass
+class StepOutput:
+    """What a task's :meth:`TrainingTask.train_step` returns.
+
+    Attributes:
+        scalars: Detached scalar tensors to log (``loss``, ``grad_norm``, ...), averaged over the micro-batches. They
+            are read on the host only at log steps.
+        finite: One boolean tensor per optimizer update of the step (from :meth:`Engine.backward_and_clip`); the
+            engine reads them all at once, once per step.
+        updates: One callable per entry of ``finite``: applies that update (optimizer step) when it is finite, or
+            discards it (zeroes the gradients) when not. The first entry is the main update: when it is not finite the
+            whole step is skipped and counted.
+    """
+
+    scalars: dict[str, Tensor]
+    finite: list[Tensor] = field(default_factory=list)
+    updates: list[Callable[[bool], None]] = field(default_factory=list)
+
+
+class TrainingTask(Protocol):
+    """The per-model part of training (see :class:`fvq.training.tokenizer_task.TokenizerTask`).
+
+    Attributes:
+        model: The trained module (DDP-wrapped by the engine when several processes run).
+        optimizers: ``name -> (optimizer, base_lr)``; the engine sets ``lr = base_lr * schedule(step)`` each step and
+            saves the optimizers' states.
+        train_set: Map-style or iterable dataset of training samples.
+    """
+
+    model: nn.Module
+    optimizers: dict[str, tuple[torch.optim.Optimizer, float]]
+    train_set: Any
+
+    def to_batch(self, batch: Any, device: torch.device) -> Any:
+        """A loader batch moved to the device in the form ``train_step`` takes."""
+
+    def train_step(self, engine: Engine, micro_batches: list[Any], step: int) -> StepOutput:
+        """Forward and backward over the micro-batches of one optimizer step (see :meth:`Engine.backward_and_clip`)."""
+
+    def validate(self, engine: Engine, step: int) -> dict[str, float]:
+        """Held-out figures (``val/...``), reduced over ranks; rank 0 may write pictures into the run folder."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Task state beyond the model and optimizers (e.g. a loss module's buffers)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (itself when not wrapped)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def seed_process(seed: int) -> None:
+    """Seed python, numpy and torch of this process."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def flush_denormals() -> bool:
+    """Treat subnormal floats as zero on this CPU (x86 FTZ/DAZ); returns whether the CPU supports it.
+
+    Training drives some values into the subnormal range (softmax weights of peaked attention in the VQBridge, Adam
+    moments of parameters that stopped receiving gradient), and CPU kernels run 5-15x slower on them: a trained
+    VQBridge's attention backward at 1,024 tokens took 69 ms per call instead of 12 ms at initialisation. The flag
+    is per thread and worker threads copy it when they are created, so this must run before the first parallel
+    operation of the process; :func:`run_training` calls it first thing.
+    """
+    return bool(torch.set_flush_denormal(True))
+
+
+def reduce_scalars(scalars: dict[str, Tensor], device: torch.device) -> dict[str, float]:
+    """Average scalar tensors over ranks and read them on the host: one collective and one read for all.
+
+    Every rank must pass the same keys (checked: a mismatch would silently pair different figures).
+    """
+    keys = sorted(scalars)
+    if is_distributed():
+        every = all_gather_objects(keys)
+        if any(other != keys for other in every):
+            raise RuntimeError(f"ranks report different metrics: {every}; metrics must have the same keys on all ranks")
+    if not keys:
+        return {}
+    values = torch.stack([torch.as_tensor(scalars[k], device=device).detach().double().reshape(()) for k in keys])
+    all_reduce_sum_(values)
+    values /= world_size()
+    return dict(zip(keys, values.tolist()))
+
+
+class Engine:
+    """Runs a :class:`TrainingTask` for ``config``'s steps in ``run_dir``.
+
+    Args:
+        config: The run's config (a :class:`fvq.training.config.TrainConfig` or another with the same run fields:
+            ``global_batch_size``, ``grad_accum_steps``, ``max_steps``, ``epochs``, ``precision``, ``seed``,
+            ``num_workers``, ``log_every``, ``val_every``, ``checkpoint_every``, ``keep_checkpoints``,
+            ``max_nonfinite_steps``, ``tensorboard``, ``optim.grad_clip``, ``schedule``, and ``to_dict()``).
+        run_dir: The run folder.
+        ctx: Process placement (from :func:`fvq.distributed.init_distributed`).
+    """
+
+    def __init__(self, config: Any, run_dir: str | Path, ctx: DistributedContext) -> None:
+        config.validate()
+        self.config = config
+        self.ctx = ctx
+        self.device = ctx.device
+        self.run = RunFolder(run_dir)
+        micro = config.global_batch_size // (ctx.world_size * config.grad_accum_steps)
+        if micro * ctx.world_size * config.grad_accum_steps != config.global_batch_size:
+            raise ValueError(
+                f"global_batch_size {config.global_batch_size} must be divisible by world_size ({ctx.world_size}) "
+                f"x grad_accum_steps ({config.grad_accum_steps})"
+            )
+        self.micro_batch_size = micro
+        if config.precision != "fp32" and self.device.type != "cuda":
+            raise ValueError(f"precision={config.precision} needs CUDA; use precision=fp32 on CPU")
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
+        self.task: TrainingTask | None = None
+        self.step = 0
+        self.skipped_steps = 0
+        self.consecutive_nonfinite = 0
+        self.last_checkpoint: Path | None = None
+        self.val_metrics: dict[str, float] = {}
+        self.logger = MetricLogger(self.run.path, enabled=ctx.is_main, tensorboard=config.tensorboard)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # set-up
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
+
+    def seed_model(self) -> None:
+        """Seed every rank alike before the task builds its model (identical initial weights on all ranks)."""
+        torch.manual_seed(self.config.seed)
+
+    def seed_data(self) -> None:
+        """Per-rank seeds after the model is built: data randomness differs by rank."""
+        seed_process(self.config.seed + self.ctx.rank)
+
+    def wrap(self, model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
+        """``model`` in DDP when several processes run (buffers are not broadcast: modules keep their own in sync)."""
+        if not self.ctx.distributed:
+            return model
+        return DistributedDataParallel(
+            model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=find_unused_parameters,
+        )
+
+    def attach(self, task: TrainingTask) -> None:
+        """Take the task: its training set gives the loader, the epoch length and the schedule's length."""
+        from fvq.data import build_loader
+
+        cfg = self.config
+        self.task = task
+        if len(task.train_set) == 0:
+            raise ValueError("the training set is empty")
+        self.train_loader = build_loader(
+            task.train_set,
+            batch_size=self.micro_batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            num_workers=cfg.num_workers,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.steps_per_epoch = len(self.train_loader) // cfg.grad_accum_steps
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"one epoch of {len(task.train_set)} samples gives no full optimizer step at a global batch of "
+                f"{cfg.global_batch_size}; lower global_batch_size or add data"
+            )
+        if cfg.epochs is not None:
+            self.total_steps = max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        else:
+            self.total_steps = cfg.max_steps
+        self.schedule = AnnealingSchedule(total_steps=self.total_steps, **vars(cfg.schedule))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision of the config (a no-op in fp32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def lr_factor(self, step: int) -> float:
+        """The schedule's factor at ``step``; also sets every optimizer's LR to ``base_lr * factor``."""
+        factor = self.schedule(step)
+        for optimizer, base_lr in self.task.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = base_lr * factor
+        return factor
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # one update
+    def backward_and_clip(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        micro_batches: Sequence[Any],
+        loss_fn: Callable[[Any], tuple[Tensor, dict[str, Tensor]]],
+        scalars: dict[str, Tensor],
+        prefix: str = "",
+    ) -> tuple[Tensor, Callable[[bool], None]]:
+        """Accumulate the gradients of ``loss_fn`` over the micro-batches, unscale, clip; no host read.
+
+        Args:
+            model: The module whose parameters ``optimizer`` updates. Under DDP (wrapped by :meth:`wrap`) gradients
+                are synchronised on the last micro-batch only; a module that is not wrapped has its gradients averaged
+                over ranks here.
+            optimizer: Its optimizer.
+            micro_batches: This rank's micro-batches of the step.
+            loss_fn: ``micro_batch -> (loss, terms)``; ``terms`` are detached scalar tensors to log.
+            scalars: Where the terms' means over micro-batches go (with ``prefix`` + ``grad_norm``).
+            prefix: Prefix of the gradient-norm key (``"discriminator/"``).
+
+        Returns:
+            ``(finite, apply)``: a boolean tensor, true when the loss and gradients are finite (on this rank; the
+            engine combines ranks), and the callable that applies or discards the update.
+        """
+        accum = len(micro_batches)
+        optimizer.zero_grad(set_to_none=True)
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        ddp = isinstance(model, DistributedDataParallel)
+        for i, micro in enumerate(micro_batches):
+            sync = i == accum - 1 or not ddp
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with self.autocast():
+                    loss, terms = loss_fn(micro)
+                finite &= torch.isfinite(loss.detach())
+                self.scaler.scale(loss / accum).backward()
+            for key, value in terms.items():
+                scalars[key] = scalars[key] + value / accum if key in scalars else value / accum
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not ddp and self.ctx.distributed:  # e.g. the discriminator: average its gradients by hand
+            for p in params:
+                all_reduce_sum_(p.grad).div_(self.ctx.world_size)
+        self.scaler.unscale_(optimizer)
+        # the total norm is finite exactly when every gradient is: one reduction instead of one read per tensor
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
+        finite &= torch.isfinite(grad_norm)
+        scalars[f"{prefix}grad_norm"] = grad_norm.detach()
+
+        def apply(ok: bool) -> None:
+            if ok:
+                self.scaler.step(optimizer)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+
+        return finite, apply
+
+    def _finish_step(self, out: StepOutput) -> bool:
+        """Read every rank's finiteness flags once, apply or discard each update; returns whether the main update
+        was applied."""
+        flags = torch.stack(out.finite).to(torch.float32)
+        if self.ctx.distributed:  # a flag is true only when it is true on every rank
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        ok = [value > 0 for value in flags.tolist()]  # the step's one host read
+        if not ok[0]:
+            for update in out.updates:
+                update(False)
+        else:
+            for update, fine in zip(out.updates, ok):
+                update(fine)
+        self.scaler.update()
+        return ok[0]
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs (collective: gathers every rank's RNG state)."""
+        rngs = all_gather_objects(rng_state())
+        task = self.task
+        return {
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "model": unwrap(task.model).state_dict(),
+            **{f"optim_{name}": opt.state_dict() for name, (opt, _) in task.optimizers.items()},
+            **task.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rngs,
+            "skipped_steps": self.skipped_steps,
+            "world_size": self.ctx.world_size,
+            "val_metrics": self.val_metrics,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        task = self.task
+        unwrap(task.model).load_state_dict(state["model"])
+        for name, (opt, _) in task.optimizers.items():
+            saved = state.get(f"optim_{name}")
+            if saved:
+                opt.load_state_dict(saved)
+        task.load_state_dict(state)
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.val_metrics = dict(state.get("val_metrics", {}))
+        rngs = state["rng"]
+        if len(rngs) == self.ctx.world_size:
+            set_rng_state(rngs[self.ctx.rank])
+        else:  # resumed on a different number of ranks: data order stays exact, per-rank randomness is reseeded
+            seed_process(self.config.seed + self.ctx.rank + 1_000_003 * self.step)
+
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes ``checkpoints/step_XXXXXXXX.pt`` atomically; never a checkpoint with non-finite weights."""
+        state = self.state_dict()  # collective (gathers RNG states): every rank calls it
+        path = None
+        if self.ctx.is_main:
+            weights = [t for t in state["model"].values() if t.is_floating_point()]
+            if weights and not bool(torch.stack([torch.isfinite(t).all() for t in weights]).all()):
+                raise NonFiniteLossError(f"refusing to write a checkpoint with non-finite weights at step {self.step}")
+            path = save_checkpoint(state, self.run.checkpoint_dir, self.step, self.config.keep_checkpoints)
+        barrier()
+        self.last_checkpoint = path
+        return path
+
+    def resume(self) -> None:
+        """Continue from the newest checkpoint of the run folder; the config must be the checkpoint's."""
+        path = self.run.latest_checkpoint()
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint found in {self.run.checkpoint_dir}")
+        state = load_checkpoint(path, map_location=self.device)
+        saved = type(self.config).from_dict(state["config"]).to_dict()
+        current = self.config.to_dict()
+        if saved != current:
+            diff = sorted(k for k in saved if saved[k] != current.get(k))
+            raise ValueError(
+                f"--resume: the config differs from the checkpoint's in {diff}; resume with the same config "
+                f"(it is saved in {self.run.config_file})"
+            )
+        self.load_state_dict(state)
+
+    def write_metrics(self, payload: dict[str, Any]) -> None:
+        """Write the run's ``metrics.json`` (rank 0 only)."""
+        from fvq.weights import atomic_write_bytes
+
+        if self.ctx.is_main:
+            atomic_write_bytes(self.run.metrics_file, (json.dumps(payload, indent=2) + "\n").encode())
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # the loop
+    def micro_batches(self) -> Iterator[list[Any]]:
+        """Yield lists of ``grad_accum_steps`` micro-batches, starting at the data position of ``self.step``."""
+        accum = self.config.grad_accum_steps
+        epoch, offset = divmod(self.step, self.steps_per_epoch)
+        while True:
+            self.train_loader.set_epoch(epoch, start_batch=offset * accum)
+            batches: list[Any] = []
+            produced = offset
+            for batch in self.train_loader:
+                batches.append(self.task.to_batch(batch, self.device))
+                if len(batches) == accum:
+                    yield batches
+                    batches = []
+                    produced += 1
+                    if produced >= self.steps_per_epoch:
+                        break
+            epoch, offset = epoch + 1, 0
+
+    def train_step(self, micro_batches: list[Any], step: int) -> tuple[bool, dict[str, Tensor]]:
+        """One optimizer step of the task; returns whether it was applied and its (unreduced) scalars."""
+        factor = self.lr_factor(step)
+        out = self.task.train_step(self, micro_batches, step)
+        applied = self._finish_step(out)
+        first_lr = next(iter(self.task.optimizers.values()))[1] * factor
+        out.scalars.update({"lr": torch.tensor(first_lr), "lr_factor": torch.tensor(factor)})
+        return applied, out.scalars
+
+    def fit(
+        self, max_steps: int | None = None, describe: Callable[[dict[str, float]], str] | None = None
+    ) -> TrainResult:
+        """Train until ``total_steps`` (or until ``max_steps`` optimizer steps in this call, for interruption).
+
+        Args:
+            max_steps: Stop after this many steps of this call (the schedule still spans the whole run).
+            describe: ``val_metrics -> one line`` printed after each validation (rank 0).
+        """
+        cfg = self.config
+        end = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
+        if self.ctx.is_main:
+            self.run.write_config(cfg.to_dict())
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not self.ctx.is_main,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        data = self.micro_batches()
+        t0 = time.time()
+        while self.step < end:
+            step = self.step
+            applied, scalars = self.train_step(next(data), step)
+            # 1. The non-finite guard: a skipped step leaves the weights untouched on every rank.
+            if not applied:
+                self.skipped_steps += 1
+                self.consecutive_nonfinite += 1
+                self.logger.log(step, {"train/skipped_nonfinite": float(self.skipped_steps)})
+                if self.consecutive_nonfinite >= cfg.max_nonfinite_steps:
+                    bar.close()
+                    raise NonFiniteLossError(
+                        f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient "
+                        f"(last at step {step}; {self.skipped_steps} skipped in all); stopping without writing "
+                        f"non-finite weights. Lower the learning rate or check the data; the last good checkpoint "
+                        f"is {self.last_checkpoint}"
+                    )
+            else:
+                self.consecutive_nonfinite = 0
+            self.step += 1
+            bar.update(1)
+            # 2. Log steps: the scalars are reduced over ranks and read on the host (the only other reads).
+            if applied and cfg.log_every and (self.step % cfg.log_every == 0 or self.step == 1):
+                values = reduce_scalars(scalars, self.device)
+                values["images_per_s"] = cfg.global_batch_size * (self.step - step) / max(time.time() - t0, 1e-9)
+                self.logger.log(self.step, {f"train/{k}" if "/" not in k else k: v for k, v in values.items()})
+                bar.set_postfix(
+                    loss=f"{values.get('loss', float('nan')):.4f}",
+                    usage=f"{values.get('quantizer/usage', float('nan')):.3f}",
+                    lr=f"{values['lr']:.2e}",
+                )
+            t0 = time.time()
+            # 3. Validation and checkpoints.
+            last = self.step == self.total_steps
+            if cfg.val_every and (self.step % cfg.val_every == 0 or last):
+                self.val_metrics = self.task.validate(self, self.step)
+                self.logger.log(self.step, self.val_metrics)
+                if self.ctx.is_main and describe is not None:
+                    bar.write(f"step {self.step}: {describe(self.val_metrics)}")
+            if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last or self.step == end:
+                self.save_checkpoint()
+        bar.close()
+        self.logger.close()
+        return TrainResult(
+            run_dir=self.run.path,
+            steps=self.step,
+            checkpoint=self.last_checkpoint,
+            metrics=self.val_metrics,
+            skipped_steps=self.skipped_steps,
+            is_main=self.ctx.is_main,
+        )
+
+
+def run_training(
+    config: Any,
+    run_dir: str | Path,
+    build_task: Callable[[Engine], TrainingTask],
+    *,
+    resume: bool = False,
+    max_steps: int | None = None,
+    overwrite: bool = False,
+    describe: Callable[[dict[str, float]], str] | None = None,
+) -> TrainResult:
+    """Set up the processes and the run folder, build the task, resume if asked, train.
+
+    Launch under ``torchrun --nproc_per_node N -m fvq train ...`` for several processes: the code path is the same.
+
+    Args:
+        config: The run's config.
+        run_dir: The run folder.
+        build_task: ``engine -> task``: builds the model, loss, optimizers and datasets on the engine's device.
+        resume: Continue from the newest checkpoint in ``run_dir/checkpoints``.
+        max_steps: Stop after this many steps of this call.
+        overwrite: Delete a previous run's outputs in ``run_dir`` first.
+        describe: ``val_metrics -> one line`` printed after each validation.
+    """
+    flush_denormals()
+    ctx = init_distributed(config.device)
+    try:
+        run = RunFolder(run_dir)
+        run.prepare(resume=resume, overwrite=overwrite, is_main=ctx.is_main)
+        barrier()
+        engine = Engine(config, run_dir, ctx)
+        engine.attach(build_task(engine))
+        if resume:
+            engine.resume()
+        return engine.fit(max_steps=max_steps, describe=describe)
+    finally:
+        cleanup_distributed()
