@@ -490,7 +490,8 @@ class GPT(nn.Module):
         table = self._rope_tables.get(device)
         if table is None:
             c = self.config
-            table = rope_table(c.grid, c.head_dim, c.rope_base, c.class_position_rope).to(device)
+            with torch.inference_mode(False):  # a normal tensor even when first built under inference mode
+                table = rope_table(c.grid, c.head_dim, c.rope_base, c.class_position_rope).to(device)
             self._rope_tables[device] = table
         return table  # (1 + T, head_dim / 2, 2) fp32
 
@@ -643,9 +644,11 @@ class GPT(nn.Module):
         dtype = dtype if dtype is not None else self.dtype
         device = torch.device(device) if device is not None else self.device
         c = self.config
-        for block in self.blocks:
-            block.attention.kv_cache = KVCache(max_batch, c.n_head, c.seq_len, c.head_dim, dtype, device)
-        self._cache_positions = torch.arange(c.seq_len, device=device)
+        # normal tensors even under inference mode, so that a cache made there serves later calls outside it
+        with torch.inference_mode(False):
+            for block in self.blocks:
+                block.attention.kv_cache = KVCache(max_batch, c.n_head, c.seq_len, c.head_dim, dtype, device)
+            self._cache_positions = torch.arange(c.seq_len, device=device)
 
     def ensure_cache(
         self, max_batch: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None

@@ -177,6 +177,14 @@ def test_generate_leaves_the_model_and_inputs_as_they_were(make_model):
     assert grid.shape == (2, 3, 4) and torch.equal(grid[1, 2], tokens[1, 8:])
 
 
+def test_sampling_under_inference_mode_leaves_the_model_usable_outside_it(make_model):
+    model = make_model(seed=6)
+    with torch.inference_mode():
+        first = generate(model, [0, 1], cfg_scale=2.0, seed=4)
+    assert torch.equal(generate(model, [0, 1], cfg_scale=2.0, seed=4), first)  # reuses the cache made in there
+    model.train()(torch.zeros(2, 12, dtype=torch.long), torch.tensor([0, 1])).loss.backward()  # rotary table too
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
