@@ -53,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fvq.quantizers.functional import code_counts, nearest_codes, perplexity_from_counts, usage_from_counts
+from fvq.quantizers.functional import code_counts, perplexity_from_counts, usage_from_counts
 from fvq.quantizers.projectors import LinearProjector
+from fvq.quantizers.search import nearest_codes
 from fvq.quantizers.vq import VectorQuantizer
 from fvq.quantizers.vq_bridge import VQBridge
 from fvq.training.lr_schedule import annealing_factor

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from fvq.quantizers import fused_search
+from fvq.quantizers.search import fused as fused_search
 
 
 def use_search_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:

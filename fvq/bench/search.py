@@ -1,7 +1,7 @@
 """Benchmark the exact nearest-code search and a ``VectorQuantizer`` forward + backward at large codebooks.
 
 Run as ``fvq bench search`` or ``python scripts/bench_search.py``. For each codebook size K it reports the time of
-:func:`fvq.quantizers.functional.nearest_codes` on ``N x D`` queries, its speed in GFLOP/s counting
+:func:`fvq.quantizers.search.nearest_codes` on ``N x D`` queries, its speed in GFLOP/s counting
 ``2 * N * K * D`` FLOPs, its ratio to the sgemm peak measured by the same process in two ways, its peak memory, and
 the brute-force ``torch.mm`` + ``argmin`` over the full ``N x K`` matrix for comparison (where that matrix fits in
 ``--baseline-max-gib``; its indices must equal the search's). The two ratios: *best*, the fastest search against the
@@ -37,8 +37,7 @@ from typing import Any
 
 import torch
 
-from fvq.quantizers import fused_search
-from fvq.quantizers.functional import nearest_codes
+from fvq.quantizers.search import fused, nearest_codes
 from fvq.quantizers.vq import VectorQuantizer
 
 DEFAULT_CODEBOOK_SIZES = (4096, 16_384, 65_536, 262_144)
@@ -157,7 +156,7 @@ def measure_search(
         "peak_mib": peak_bytes / 2**20,
         "memory_method": meter.method,
         "threads": torch.get_num_threads(),
-        "kernel": "fused" if fused_search.wanted(device) else "blocked",
+        "kernel": "fused" if fused.wanted(device) else "blocked",
     }
     if 4 * tokens * codebook_size <= baseline_max_bytes:
 

@@ -3,13 +3,14 @@
 from fvq.quantizers.base import Quantizer, QuantizerOutput
 from fvq.quantizers.bsq import BinarySphericalQuantizer
 from fvq.quantizers.fsq import FiniteScalarQuantizer
-from fvq.quantizers.functional import nearest_codes, straight_through
+from fvq.quantizers.functional import straight_through
 from fvq.quantizers.grouped import GroupedQuantizer
 from fvq.quantizers.lfq import LookupFreeQuantizer
 from fvq.quantizers.multiscale import MultiScaleResidualQuantizer
 from fvq.quantizers.projectors import IdentityProjector, LinearProjector, MLPProjector, ProjectorCost
 from fvq.quantizers.registry import PROJECTORS, QUANTIZERS, build_projector, build_quantizer
 from fvq.quantizers.residual import ResidualQuantizer
+from fvq.quantizers.search import nearest_codes
 from fvq.quantizers.usage import CodebookUsage, UsageReport
 from fvq.quantizers.vq import VectorQuantizer
 from fvq.quantizers.vq_bridge import VQBridge, bridge_cost, default_group_size

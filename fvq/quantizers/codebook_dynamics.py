@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from fvq.distributed import all_reduce_sum_, broadcast_, is_main_process
-from fvq.quantizers.functional import DEFAULT_MAX_CHUNK_BYTES
 from fvq.quantizers.kmeans import squared_distance_to_nearest
+from fvq.quantizers.search import DEFAULT_MAX_CHUNK_BYTES
 
 RESTART_STRATEGIES = ("random", "highest_error", "split")
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from fvq.quantizers.functional import DEFAULT_MAX_CHUNK_BYTES
+from fvq.quantizers.search import DEFAULT_MAX_CHUNK_BYTES
 
 ESTIMATORS = ("ste", "rotation", "ibq", "soft", "gumbel")
 

@@ -2,7 +2,7 @@
 
 Seeding: k-means++ (Arthur & Vassilvitskii, 2007, "k-means++: The Advantages of Careful Seeding") or uniform random
 samples; then Lloyd iterations (Lloyd, 1982) whose assignment step is the chunked exact search
-:func:`fvq.quantizers.functional.nearest_codes`, so ``N x K`` distances are never held at once.
+:func:`fvq.quantizers.search.nearest_codes`, so ``N x K`` distances are never held at once.
 
 k-means minimises the same squared-distance objective that VQ uses for assignment, which is why seeding a codebook
 with its centroids removes most early dead codes (survey section 5, "K-means seeding on early latents").
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fvq.quantizers.functional import DEFAULT_MAX_CHUNK_BYTES, nearest_codes
+from fvq.quantizers.search import DEFAULT_MAX_CHUNK_BYTES, nearest_codes
 
 SEEDINGS = ("kmeans++", "random")
 

@@ -15,7 +15,7 @@ flattened row-major (``split_indices`` / ``merge_indices`` convert to and from p
 This is the token sequence a next-scale AR model reads and predicts.
 
 Differences from the published code, on purpose: ids are int64 and the search is the chunked exact fp32
-:func:`~fvq.quantizers.functional.nearest_codes`, so any codebook size works (theirs breaks at 65,536 codes); every
+:func:`~fvq.quantizers.search.nearest_codes`, so any codebook size works (theirs breaks at 65,536 codes); every
 lookup, including the index helpers for the AR model, uses the mapped codebook ``codebook_vectors()``, never the raw
 one.
 """
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fvq.quantizers.base import Quantizer, QuantizerOutput, channels_last_flat, check_indices, weighted_total
-from fvq.quantizers.functional import nearest_codes, straight_through
+from fvq.quantizers.functional import straight_through
+from fvq.quantizers.search import nearest_codes
 from fvq.quantizers.vq import VectorQuantizer, batch_code_metrics
 
 VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fvq.distributed import all_reduce_mean_differentiable
 from fvq.quantizers.estimators import assignment_logits, rows_per_chunk
-from fvq.quantizers.functional import DEFAULT_MAX_CHUNK_BYTES
+from fvq.quantizers.search import DEFAULT_MAX_CHUNK_BYTES
 
 ENTROPY_EPS = 1e-12
 

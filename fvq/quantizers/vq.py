@@ -50,7 +50,7 @@ from fvq.quantizers.estimators import (
     rotation_trick,
     soft_quantize,
 )
-from fvq.quantizers.functional import DEFAULT_MAX_CHUNK_BYTES, nearest_codes, straight_through
+from fvq.quantizers.functional import straight_through
 from fvq.quantizers.kmeans import SEEDINGS, kmeans
 from fvq.quantizers.objectives import (
     codebook_covariance_loss,
@@ -58,6 +58,7 @@ from fvq.quantizers.objectives import (
     orthogonality_loss,
     soft_assignment_entropy,
 )
+from fvq.quantizers.search import DEFAULT_MAX_CHUNK_BYTES, nearest_codes
 
 DISTANCES = ("l2", "cosine")
 INITS = ("uniform", "normal")

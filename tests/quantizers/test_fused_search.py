@@ -9,7 +9,9 @@ import pytest
 import torch
 from search_kernels import use_search_kernel
 
-from fvq.quantizers import functional, fused_search, nearest_codes
+from fvq.quantizers import nearest_codes
+from fvq.quantizers.search import blocked
+from fvq.quantizers.search import fused as fused_search
 
 
 @pytest.fixture(autouse=True)
@@ -97,10 +99,10 @@ def test_non_finite_or_overflowing_inputs_take_the_blocked_search():
     with_nan = codebook.clone()
     with_nan[7, 1] = float("nan")
     assert nearest_codes(z, with_nan).tolist() == [7] * 5  # torch.argmin's rule: the first NaN
-    assert not fused_search.distances_are_finite(z, functional._squared_norms(with_nan))
+    assert not fused_search.distances_are_finite(z, blocked._squared_norms(with_nan))
     huge = codebook * 1e18  # finite, but ||c||^2 overflows fp32
-    assert not fused_search.distances_are_finite(z, functional._squared_norms(huge))
-    assert fused_search.distances_are_finite(z, functional._squared_norms(codebook))
+    assert not fused_search.distances_are_finite(z, blocked._squared_norms(huge))
+    assert fused_search.distances_are_finite(z, blocked._squared_norms(codebook))
     assert torch.equal(nearest_codes(z * 1e17, codebook * 1e17), _brute_force(z, codebook))  # large, still safe
 
 
@@ -176,7 +178,7 @@ def test_scratch_memory_is_small():
 
 def test_direct_calls_check_shapes_and_out():
     z, codebook = _integer_data(10, 20, 3, seed=7)
-    sq = functional._squared_norms(codebook)
+    sq = blocked._squared_norms(codebook)
     with pytest.raises(ValueError, match=r"expects z \(N, D\), codebook \(K, D\).*\(10, 3\), \(20, 4\)"):
         fused_search.nearest_codes_fused(z, torch.zeros(20, 4), sq)
     with pytest.raises(ValueError, match=r"out must be a contiguous \(10,\) int64 CPU tensor, got \(9,\)"):

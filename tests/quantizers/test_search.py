@@ -6,8 +6,9 @@ import pytest
 import torch
 from search_kernels import use_search_kernel
 
-from fvq.quantizers import functional, nearest_codes
-from fvq.quantizers.functional import _ARGMIN_GROUP, _CPU_BLOCK_CODES, _search_block_shape
+from fvq.quantizers import nearest_codes
+from fvq.quantizers.search import blocked
+from fvq.quantizers.search.blocked import _ARGMIN_GROUP, _CPU_BLOCK_CODES, _search_block_shape
 
 
 def _brute_force(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -29,7 +30,7 @@ def panel_codes(request, monkeypatch):
     """The blocked search with matmul panels of the whole block (a 2 MiB L2), eight panels a block (a 256 KiB L2),
     or a width that does not divide the block (the block shrinks to six panels)."""
     use_search_kernel(monkeypatch, "blocked")
-    monkeypatch.setattr(functional, "_CPU_PANEL_CODES", request.param)
+    monkeypatch.setattr(blocked, "_CPU_PANEL_CODES", request.param)
     return request.param
 
 
@@ -47,7 +48,7 @@ def search_path(request, monkeypatch):
     use_search_kernel(monkeypatch, kernel)
     panels = {"1panel": _CPU_BLOCK_CODES, "8panels": 4 * _ARGMIN_GROUP, "6panels": 5 * _ARGMIN_GROUP}
     if layout:
-        monkeypatch.setattr(functional, "_CPU_PANEL_CODES", panels[layout])
+        monkeypatch.setattr(blocked, "_CPU_PANEL_CODES", panels[layout])
     return request.param
 
 
@@ -130,9 +131,9 @@ def test_duplicates_among_many_equal_norms(search_path):
 
 def test_duplicate_detection_survives_hash_collisions(monkeypatch):
     use_search_kernel(monkeypatch, "blocked")
-    from fvq.quantizers import functional
+    from fvq.quantizers.search import blocked
 
-    monkeypatch.setattr(functional, "_bit_hash", lambda codebook, rows: torch.zeros(rows.numel(), dtype=torch.long))
+    monkeypatch.setattr(blocked, "_bit_hash", lambda codebook, rows: torch.zeros(rows.numel(), dtype=torch.long))
     codebook = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0], [0.0, -1.0]])
     z = torch.tensor([[2.0, 0.1], [0.1, 2.0], [-2.0, 0.1], [0.1, -2.0]])
     assert nearest_codes(z, codebook, 4).tolist() == [0, 1, 4, 5]
@@ -200,10 +201,10 @@ def test_scratch_is_kept_for_the_same_shape_and_replaced_for_another(monkeypatch
     bound = 4 * 64 * 300
     z, codebook = _integer_data(90, 700, 5, seed=9)
     assert torch.equal(nearest_codes(z, codebook, bound), _brute_force(z, codebook))
-    block = functional._SCRATCH.buffers[2]
+    block = blocked._SCRATCH.buffers[2]
     z2, codebook2 = _integer_data(90, 700, 5, seed=10)  # same shapes, other values: the kept buffers are reused
     assert torch.equal(nearest_codes(z2, codebook2, bound), _brute_force(z2, codebook2))
-    assert functional._SCRATCH.buffers[2].data_ptr() == block.data_ptr()
+    assert blocked._SCRATCH.buffers[2].data_ptr() == block.data_ptr()
     with torch.inference_mode():  # kept buffers serve calls in and out of inference mode alike
         assert torch.equal(nearest_codes(z, codebook, bound), _brute_force(z, codebook))
     assert torch.equal(nearest_codes(z2, codebook2, bound), _brute_force(z2, codebook2))
@@ -211,7 +212,7 @@ def test_scratch_is_kept_for_the_same_shape_and_replaced_for_another(monkeypatch
     with torch.inference_mode():
         assert torch.equal(nearest_codes(z3, codebook3, bound), _brute_force(z3, codebook3))
     assert torch.equal(nearest_codes(z3, codebook3, bound), _brute_force(z3, codebook3))
-    assert functional._SCRATCH.buffers[0].shape == (40, 3 + 1)  # (queries of the sweep, D + 1)
+    assert blocked._SCRATCH.buffers[0].shape == (40, 3 + 1)  # (queries of the sweep, D + 1)
 
 
 def test_threads_search_at_the_same_time(kernel):
@@ -289,12 +290,12 @@ def test_bad_inputs_name_expected_and_actual(z, codebook, bound, error, pattern)
 
 
 def test_panel_width_follows_the_l2_size():
-    assert functional._panel_codes(2 * 2**20) == _CPU_BLOCK_CODES  # one panel a block
-    assert functional._panel_codes(512 * 2**10) == 512  # four panels
-    assert functional._panel_codes(1280 * 2**10) == 1280
-    assert functional._panel_codes(1000 * 2**10) == 960  # whole argmin groups
-    assert functional._panel_codes(32 * 2**10) == 4 * _ARGMIN_GROUP  # never narrower than four groups
-    assert functional._panel_codes(64 * 2**20) == _CPU_BLOCK_CODES  # never wider than a block
+    assert blocked._panel_codes(2 * 2**20) == _CPU_BLOCK_CODES  # one panel a block
+    assert blocked._panel_codes(512 * 2**10) == 512  # four panels
+    assert blocked._panel_codes(1280 * 2**10) == 1280
+    assert blocked._panel_codes(1000 * 2**10) == 960  # whole argmin groups
+    assert blocked._panel_codes(32 * 2**10) == 4 * _ARGMIN_GROUP  # never narrower than four groups
+    assert blocked._panel_codes(64 * 2**20) == _CPU_BLOCK_CODES  # never wider than a block
 
 
 def test_l2_size_is_read_from_sysfs(tmp_path, monkeypatch):
@@ -304,9 +305,9 @@ def test_l2_size_is_read_from_sysfs(tmp_path, monkeypatch):
         folder.mkdir()
         for name, value in (("level", level), ("type", kind), ("size", size)):
             (folder / name).write_text(value + "\n")
-    monkeypatch.setattr(functional, "Path", lambda _: tmp_path)
-    assert functional._l2_bytes() == 2**20
+    monkeypatch.setattr(blocked, "Path", lambda _: tmp_path)
+    assert blocked._l2_bytes() == 2**20
     (tmp_path / "index2" / "size").write_text("2048K\n")
-    assert functional._l2_bytes() == 2 * 2**20
-    monkeypatch.setattr(functional, "Path", lambda _: tmp_path / "missing")
-    assert functional._l2_bytes() == functional._DEFAULT_L2_BYTES
+    assert blocked._l2_bytes() == 2 * 2**20
+    monkeypatch.setattr(blocked, "Path", lambda _: tmp_path / "missing")
+    assert blocked._l2_bytes() == blocked._DEFAULT_L2_BYTES

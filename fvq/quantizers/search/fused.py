@@ -1,9 +1,10 @@
 """The fused CPU kernel of the nearest-code search: distances and argmin in one pass, for AVX2 + FMA CPUs.
 
-:func:`fvq.quantizers.functional.nearest_codes` computes distances block by block with sgemm and reduces each block
-while it is in cache. On CPUs whose widest vector unit is AVX2 (AMD Zen, Intel before AVX-512) a kernel of its own
-does better: a 6 x 16 register tile of distances is folded into running minima before it ever reaches memory, so no
-pass over a distance block is left to make (``kernels/nearest_codes_avx2.c``; docs/benchmarks.md has the figures).
+The blocked search (:mod:`fvq.quantizers.search.blocked`) computes distances block by block with sgemm and reduces
+each block while it is in cache. On CPUs whose widest vector unit is AVX2 (AMD Zen, Intel before AVX-512) a kernel of
+its own does better: a 6 x 16 register tile of distances is folded into running minima before it ever reaches memory,
+so no pass over a distance block is left to make (``kernels/nearest_codes_avx2.c``; docs/benchmarks.md has the
+figures).
 
 The C source ships with the package and is compiled on first use with the system C compiler (``$CC``, else ``cc``
 or ``gcc``) into a cache folder (``$FVQ_CACHE_DIR``, else ``$XDG_CACHE_HOME/fvq`` or ``~/.cache/fvq``), keyed by the
