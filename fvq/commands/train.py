@@ -1,6 +1,7 @@
-"""Train a tokenizer: ``fvq train CONFIG --out DIR [--resume] [key=value ...]``.
+"""Train a model: ``fvq train CONFIG --out DIR [--resume] [key=value ...]``.
 
-CONFIG is a YAML file or the name of a preset shipped with fvq (``fvq train --list`` shows them). Overrides use
+CONFIG is a YAML file or the name of a preset shipped with fvq (``fvq train --list`` shows them); its ``task:`` says
+what it trains (``tokenizer`` by default). Every kind runs on the same engine, run folder and checkpoints. Overrides use
 dotted keys, e.g. ``optim.lr=2e-4 quantizer.codebook_size=8192 max_steps=500``. For several processes launch the same
 command under ``torchrun --nproc_per_node N -m fvq train ...``.
 """
@@ -38,24 +39,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.config or not args.out:
         raise ValueError("usage: fvq train CONFIG --out DIR [--resume] [key=value ...]")
-    from fvq.training.tokenizer_task import train
+    import importlib
+
+    from fvq.training.config import TASK_MODULES
 
     config = load_config(args.config, args.overrides)
-    result = train(config, args.out, resume=args.resume, max_steps=args.stop_after, overwrite=args.overwrite)
-    if not result.is_main:
-        return 0
-    if result.metrics:
-        m = result.metrics
-        print(
-            f"held-out usage {m['val/usage']:.2%} ({int(m['val/tokens'])} tokens, {int(m['val/dead_codes'])} dead "
-            f"codes), perplexity {m['val/perplexity']:.1f}, PSNR {m['val/psnr']:.2f} dB "
-            f"({int(m.get('val/psnr_images', m['val/images']))} images)"
-        )
-    print(f"run directory: {result.run_dir}")
-    print(f"  checkpoint:      {result.checkpoint}")
-    print(f"  metrics:         {result.run_dir / 'metrics.json'}")
-    print(f"  reconstructions: {result.run_dir / 'reconstructions.png'}")
-    print(f"  log:             {result.run_dir / 'log.jsonl'}")
-    if result.skipped_steps:
-        print(f"  {result.skipped_steps} steps were skipped because of a non-finite loss")
+    task = importlib.import_module(TASK_MODULES[config.task])
+    result = task.train(config, args.out, resume=args.resume, max_steps=args.stop_after, overwrite=args.overwrite)
+    if result.is_main:
+        for line in task.summary(result):
+            print(line)
+        if result.skipped_steps:
+            print(f"  {result.skipped_steps} steps were skipped because of a non-finite loss")
     return 0

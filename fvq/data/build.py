@@ -102,15 +102,31 @@ def _resolve_path(config: Mapping[str, Any], split: str, kind: str) -> str:
         candidate = os.path.join(path, split)
         if os.path.isdir(candidate):
             return candidate
-        if split != "train":
-            logger.warning(
-                "no %r subfolder in %s: the %s split reads the same images as training; set '%s_path'",
-                split,
-                path,
-                split,
-                split,
-            )
     return path
+
+
+def warn_if_validation_reads_training(train_config: Mapping[str, Any], val_config: Mapping[str, Any]) -> bool:
+    """Warn (and return True) when the validation split of ``val_config`` reads the very images that the training
+    split of ``train_config`` reads, e.g. a folder without a ``val`` subfolder given once for both.
+
+    A separate ``val_data`` folder is a different set even without a ``val`` subfolder: no warning then.
+    """
+    kinds = {train_config.get("type", "embedded"), val_config.get("type", "embedded")}
+    if kinds & {"embedded"}:  # the embedded photos hold out their own validation photos
+        return False
+    try:
+        train_path = _resolve_path(train_config, "train", train_config.get("type", "folder"))
+        val_path = _resolve_path(val_config, "val", val_config.get("type", "folder"))
+    except ValueError:
+        return False
+    if os.path.abspath(train_path) != os.path.abspath(val_path):
+        return False
+    logger.warning(
+        "validation reads the same images as training (%s): give a held-out folder with 'val_data.path', a 'val' "
+        "subfolder, or 'data.val_path'",
+        val_path,
+    )
+    return True
 
 
 def build_dataset(config: Mapping[str, Any], split: str) -> Dataset:

@@ -13,10 +13,35 @@ axis of length ``codes_per_position``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+_CHECK_VALUES: ContextVar[bool] = ContextVar("fvq_check_values", default=True)
+
+
+@contextlib.contextmanager
+def trusted_values() -> Iterator[None]:
+    """Within the block, inputs are not scanned for NaN or inf (shapes and dtypes still are checked).
+
+    The scan reads a value on the host, which on a GPU waits for every queued kernel. The training engine runs its
+    steps inside this block: a non-finite input there shows as a non-finite loss, which its guard skips. Everywhere
+    else (the public encode/decode boundary) inputs are scanned and refused with a clear message.
+    """
+    token = _CHECK_VALUES.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_VALUES.reset(token)
+
+
+def values_checked() -> bool:
+    """False inside :func:`trusted_values`."""
+    return _CHECK_VALUES.get()
 
 
 @dataclass
@@ -62,7 +87,7 @@ def channels_last_flat(z: Tensor, dim: int, name: str = "z") -> tuple[Tensor, tu
         raise ValueError(f"{name} must have {dim} channels on axis 1, got {z.shape[1]} (shape {tuple(z.shape)})")
     if not z.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {z.dtype}")
-    if not torch.isfinite(z).all():
+    if values_checked() and not torch.isfinite(z).all():
         bad = int((~torch.isfinite(z)).sum())
         raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf); expected finite features")
     if z.ndim == 2:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+logger = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -58,15 +60,17 @@ class ScheduleConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Everything that defines a tokenizer training run.
+class RunConfig:
+    """The fields every training run has, whatever it trains; the engine (:mod:`fvq.training.engine`) reads these.
+
+    Each model kind subclasses it with its own fields (:class:`TrainConfig` for tokenizers); a YAML file names its
+    kind with ``task:`` (default ``tokenizer``).
 
     Attributes:
-        model: Autoencoder config for ``Tokenizer.from_config`` (e.g. ``{"preset": "tiny_f4"}``).
-        quantizer: Quantizer config for ``fvq.quantizers.registry.build_quantizer``.
-        data: Training dataset config for ``fvq.data.build_dataset`` (split ``"train"``).
-        val_data: Held-out dataset config (split ``"val"``); ``None`` uses ``data``.
-        global_batch_size: Images per optimizer step over all ranks and accumulation steps.
+        task: The kind of model trained (a key of :data:`TASKS`).
+        optim: Optimizer settings; the LR is scaled by ``global_batch_size / base_batch_size``.
+        schedule: Learning-rate schedule (a pure function of the step).
+        global_batch_size: Samples per optimizer step over all ranks and accumulation steps.
         grad_accum_steps: Micro-batches per optimizer step on each rank.
         max_steps: Optimizer steps of the whole run (the schedule's length). ``epochs`` overrides it when set.
         epochs: Train for this many passes over the data instead of ``max_steps``.
@@ -77,19 +81,10 @@ class TrainConfig:
         log_every, val_every, checkpoint_every: Intervals in optimizer steps (0 disables).
         keep_checkpoints: How many recent checkpoints to keep.
         max_nonfinite_steps: Stop after this many consecutive steps with a non-finite loss (each is skipped).
-        val_batch_size: Batch size per rank for validation.
-        val_psnr_images: Decode only the first this many held-out images for PSNR and the reconstruction grid (usage
-            always counts the whole set, which only needs the encoder); ``None`` decodes all.
         tensorboard: Also write TensorBoard scalars (when tensorboard is installed).
     """
 
-    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny_f4"})
-    quantizer: dict[str, Any] = field(
-        default_factory=lambda: {"type": "vq", "codebook_size": 4096, "codebook_dim": 256}
-    )
-    data: dict[str, Any] = field(default_factory=lambda: {"type": "embedded", "image_size": 32})
-    val_data: dict[str, Any] | None = None
-    loss: LossConfig = field(default_factory=LossConfig)
+    task: str = "tokenizer"
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     global_batch_size: int = 128
@@ -105,8 +100,6 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     max_nonfinite_steps: int = 5
-    val_batch_size: int = 64
-    val_psnr_images: int | None = None
     tensorboard: bool = True
 
     def validate(self) -> None:
@@ -120,21 +113,62 @@ class TrainConfig:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.val_psnr_images is not None and self.val_psnr_images < 1:
-            raise ValueError(f"val_psnr_images must be >= 1 or null (all), got {self.val_psnr_images}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (dicts, lists, numbers, strings): what checkpoints and ``config.yaml`` store; the kind's own
+        fields first, then the run fields."""
+        data = _plain(dataclasses.asdict(self))
+        own = [f.name for f in dataclasses.fields(self) if f.name not in _RUN_FIELDS]
+        return {"task": data["task"], **{k: data[k] for k in own}, **{k: data[k] for k in _RUN_FIELDS if k != "task"}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return _from_dict(cls, data, path="")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Everything that defines a tokenizer training run: the run fields of :class:`RunConfig` and these.
+
+    Attributes:
+        model: Autoencoder config for ``Tokenizer.from_config`` (e.g. ``{"preset": "tiny_f4"}``).
+        quantizer: Quantizer config for ``fvq.quantizers.registry.build_quantizer``.
+        data: Training dataset config for ``fvq.data.build_dataset`` (split ``"train"``).
+        val_data: Held-out dataset config (split ``"val"``); ``None`` uses ``data``.
+        loss: Weights and options of the tokenizer loss.
+        val_batch_size: Batch size per rank for validation.
+        val_psnr_images: Decode only the first this many held-out images for PSNR and the reconstruction grid (usage
+            always counts the whole set, which only needs the encoder); ``None`` decodes all.
+    """
+
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny_f4"})
+    quantizer: dict[str, Any] = field(
+        default_factory=lambda: {"type": "vq", "codebook_size": 4096, "codebook_dim": 256}
+    )
+    data: dict[str, Any] = field(default_factory=lambda: {"type": "embedded", "image_size": 32})
+    val_data: dict[str, Any] | None = None
+    loss: LossConfig = field(default_factory=LossConfig)
+    val_batch_size: int = 64
+    val_psnr_images: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.task != "tokenizer":
+            raise ValueError(f"a tokenizer config has task: tokenizer, got {self.task!r}")
+        if self.val_psnr_images is not None and self.val_psnr_images < 1:
+            raise ValueError(f"val_psnr_images must be >= 1 or null (all), got {self.val_psnr_images}")
         for name in ("model", "quantizer", "data"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a mapping, got {type(getattr(self, name)).__name__}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (dicts, lists, numbers, strings): what checkpoints and ``config.yaml`` store."""
-        return _plain(dataclasses.asdict(self))
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _from_dict(cls, data, path="")
+_RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
+# task name -> its config class; a model kind registers itself here
+TASKS: dict[str, type[RunConfig]] = {"tokenizer": TrainConfig}
+# task name -> the module with its ``train(config, run_dir, resume=, max_steps=, overwrite=)`` and ``summary(result)``
+TASK_MODULES: dict[str, str] = {"tokenizer": "fvq.training.tokenizer_task"}
 
 
 def _plain(value: Any) -> Any:
@@ -231,25 +265,64 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return result
 
 
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict update (returns a new dict); ``null`` in ``update`` replaces, mappings merge."""
+def merge(base: dict[str, Any], update: dict[str, Any], _depth: int = 0) -> dict[str, Any]:
+    """Recursive dict update (returns a new dict); mappings merge. ``null`` sets a top-level field to null and
+    removes a key inside a section (``data.val_samples=null`` leaves the key out, so its default applies)."""
     out = copy.deepcopy(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+            out[key] = merge(out[key], value, _depth + 1)
+        elif value is None and _depth > 0:
+            out.pop(key, None)
         else:
             out[key] = copy.deepcopy(value)
     return out
 
 
-def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+def _switch_data_types(base: dict[str, Any], update: dict[str, Any], merged: dict[str, Any]) -> None:
+    """When an override changes a data section's ``type``, drop the preset's keys the new type does not take,
+    saying so: ``fvq train tiny_fvq data.type=folder data.path=DIR`` needs no copy of the preset."""
+    from fvq.data.build import DATASET_TYPES
+
+    for section in ("data", "val_data"):
+        new, old = update.get(section), base.get(section)
+        if not (isinstance(new, dict) and isinstance(old, dict) and isinstance(merged.get(section), dict)):
+            continue
+        kind, before = new.get("type"), old.get("type", "embedded")
+        if kind is None or kind == before or kind not in DATASET_TYPES:
+            continue
+        dropped = sorted(k for k in merged[section] if k not in DATASET_TYPES[kind] and k not in new)
+        for key in dropped:
+            del merged[section][key]
+        if dropped:
+            logger.warning(
+                "%s.type changed from %r to %r: dropped %s, which type %r does not take",
+                section,
+                before,
+                kind,
+                ", ".join(f"{section}.{k}" for k in dropped),
+                kind,
+            )
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML preset or file, apply ``key=value`` overrides, validate, return a :class:`TrainConfig`."""
     path = resolve_config_path(name_or_path)
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a YAML mapping at the top level, got {type(data).__name__}")
-    data = merge(data, parse_overrides(overrides or []))
-    config = TrainConfig.from_dict(data)
+    update = parse_overrides(overrides or [])
+    merged = merge(data, update)
+    _switch_data_types(data, update, merged)
+    return config_from_dict(merged)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """The config of the kind ``data["task"]`` names (default ``tokenizer``), validated."""
+    task = data.get("task", "tokenizer")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {sorted(TASKS)}")
+    config = TASKS[task].from_dict(data)
     config.validate()
     return config

@@ -42,6 +42,7 @@ class TokenizerTask:
 
     def __init__(self, engine: Engine) -> None:
         from fvq.data import build_dataset
+        from fvq.data.build import warn_if_validation_reads_training
         from fvq.losses import TokenizerLoss
         from fvq.models import Tokenizer
 
@@ -69,6 +70,8 @@ class TokenizerTask:
 
         self.train_set = build_dataset(config.data, split="train")
         self.val_set = build_dataset(config.val_data or config.data, split="val")
+        if engine.ctx.is_main:
+            warn_if_validation_reads_training(config.data, config.val_data or config.data)
 
     @property
     def tokenizer(self) -> nn.Module:
@@ -239,3 +242,23 @@ def train(
         overwrite=overwrite,
         describe=describe_validation,
     )
+
+
+def summary(result: TrainResult) -> list[str]:
+    """What ``fvq train`` prints at the end of a tokenizer run."""
+    lines = []
+    if result.metrics:
+        m = result.metrics
+        lines.append(
+            f"held-out usage {m['val/usage']:.2%} ({int(m['val/tokens'])} tokens, {int(m['val/dead_codes'])} dead "
+            f"codes), perplexity {m['val/perplexity']:.1f}, PSNR {m['val/psnr']:.2f} dB "
+            f"({int(m.get('val/psnr_images', m['val/images']))} images)"
+        )
+    lines += [
+        f"run directory: {result.run_dir}",
+        f"  checkpoint:      {result.checkpoint}",
+        f"  metrics:         {result.run_dir / 'metrics.json'}",
+        f"  reconstructions: {result.run_dir / 'reconstructions.png'}",
+        f"  log:             {result.run_dir / 'log.jsonl'}",
+    ]
+    return lines
