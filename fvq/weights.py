@@ -6,10 +6,12 @@ gives, or (for users with internet) from a URL fetched once with a pinned checks
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -61,6 +63,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path in ``path``'s folder for a writer that needs a file name (a compiler's ``-o``, ``torch.save``).
+
+    The temporary file is renamed to ``path`` when the block exits normally and removed when it raises, so ``path`` is
+    never seen half-written. For bytes already in memory, :func:`atomic_write_bytes` is shorter.
+
+    Example::
+
+        with atomic_path(target) as tmp:
+            subprocess.run(["cc", "-o", str(tmp), "kernel.c"], check=True)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _umask() -> int:

@@ -137,6 +137,17 @@ def test_failed_build_is_reported(tmp_path, monkeypatch):
     assert list(tmp_path.glob("*.so")) == []
 
 
+def test_failed_build_leaves_no_temporary_file(tmp_path, monkeypatch):
+    broken = tmp_path / "cc"
+    broken.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\necho partial > "$2"\nexit 1\n')
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    target_dir = tmp_path / "cache"
+    with pytest.raises(fused_search.FusedKernelUnavailable, match="failed to build"):
+        fused_search.build(target_dir)
+    assert list(target_dir.iterdir()) == []  # the half-written output was removed, nothing renamed into place
+
+
 def test_unavailable_kernel_falls_back_in_auto_and_fails_when_forced(tmp_path, monkeypatch):
     monkeypatch.setattr(fused_search, "_library", None)
     monkeypatch.setattr(fused_search, "_failure", None)

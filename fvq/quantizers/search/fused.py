@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fvq.weights import atomic_path
+
 SOURCE = Path(__file__).with_name("kernels") / "nearest_codes_avx2.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-pthread")
 KERNEL_ENV = "FVQ_SEARCH_KERNEL"
@@ -91,19 +93,16 @@ def build(target_dir: Path | None = None) -> Path:
     target = folder / f"nearest_codes_avx2-{key}.so"
     if target.exists():
         return target
-    fd, partial = tempfile.mkstemp(prefix=target.stem + ".", suffix=".partial.so", dir=folder)
-    os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise FusedKernelUnavailable(f"{cc} failed to build {SOURCE.name}:\n{done.stderr.strip()[-2000:]}")
-        os.chmod(partial, 0o755)
-        os.replace(partial, target)
+        with atomic_path(target) as partial:
+            done = subprocess.run(
+                [cc, *FLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True, timeout=300
+            )
+            if done.returncode != 0:
+                raise FusedKernelUnavailable(f"{cc} failed to build {SOURCE.name}:\n{done.stderr.strip()[-2000:]}")
+            os.chmod(partial, 0o755)
     except (OSError, subprocess.SubprocessError) as err:
         raise FusedKernelUnavailable(f"could not build {SOURCE.name} with {cc}: {err}") from err
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     return target
 
 
