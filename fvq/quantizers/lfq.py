@@ -7,35 +7,19 @@ Each of ``L`` channels is quantized to its sign, ``{-1, +1}`` (times ``codebook_
 ``2^L`` corners of a hypercube and the id is the binary number of the signs. An entropy penalty (per-sample entropy
 minus ``diversity_weight`` times the entropy of the batch-averaged assignment) keeps every bit informative and the
 codes used; it is computed in the exact factorised form of :func:`~fvq.quantizers.implicit.binary_entropy_terms`,
-never with the ``N x 2^L`` softmax that is infeasible at 18 bits.
+never with the ``N x 2^L`` softmax that is infeasible at 18 bits. The body is shared with BSQ
+(:class:`~fvq.quantizers.binary.BinaryQuantizer`).
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fvq.quantizers.base import (
-    Quantizer,
-    QuantizerOutput,
-    channels_last_flat,
-    check_indices,
-    restore_layout,
-    weighted_total,
-)
-from fvq.quantizers.functional import straight_through
-from fvq.quantizers.implicit import (
-    MAX_ID_BITS,
-    bits_to_ids,
-    entropy_groups,
-    entropy_penalty,
-    ids_to_bits,
-    implicit_code_metrics,
-)
+from fvq.quantizers.binary import BinaryQuantizer
 
 
-class LookupFreeQuantizer(Quantizer):
+class LookupFreeQuantizer(BinaryQuantizer):
     """Sign quantization to ``{-s, +s}^L`` with binary ids and the MAGVIT-v2 entropy penalty.
 
     Bit order: channel ``d`` (after ``project_in``) is bit ``d`` of the id, ``id = sum_d [v_d > 0] 2^d`` (channel 0
@@ -79,74 +63,32 @@ class LookupFreeQuantizer(Quantizer):
         codebook_scale: float = 1.0,
         sync_entropy: bool = True,
     ) -> None:
-        super().__init__()
-        num_bits = codebook_dim if num_bits is None else num_bits
-        if codebook_dim < 1:
-            raise ValueError(f"codebook_dim must be >= 1, got {codebook_dim}")
-        if not 1 <= num_bits <= MAX_ID_BITS:
-            raise ValueError(f"num_bits must be in [1, {MAX_ID_BITS}] (int64 ids), got {num_bits}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        super().__init__(
+            codebook_dim,
+            codebook_dim if num_bits is None else num_bits,
+            commitment_weight=commitment_weight,
+            entropy_weight=entropy_weight,
+            diversity_weight=diversity_weight,
+            temperature=temperature,
+            entropy_group_bits=entropy_group_bits,
+            sync_entropy=sync_entropy,
+        )
         if codebook_scale <= 0:
             raise ValueError(f"codebook_scale must be > 0, got {codebook_scale}")
-        self.codebook_dim = codebook_dim
-        self.num_bits = num_bits
-        self.codebook_size = 2**num_bits
-        self.commitment_weight = commitment_weight
-        self.entropy_weight = entropy_weight
-        self.diversity_weight = diversity_weight
-        self.temperature = temperature
         self.codebook_scale = codebook_scale
-        self.sync_entropy = sync_entropy
-        self.entropy_group_sizes = entropy_groups(num_bits, entropy_group_bits)
-        if num_bits != codebook_dim:
-            self.project_in: nn.Module = nn.Linear(codebook_dim, num_bits)
-            self.project_out: nn.Module = nn.Linear(num_bits, codebook_dim)
+        if self.num_bits != codebook_dim:
+            self.project_in = nn.Linear(codebook_dim, self.num_bits)
+            self.project_out = nn.Linear(self.num_bits, codebook_dim)
         else:
             self.project_in = nn.Identity()
             self.project_out = nn.Identity()
 
-    def bits_to_codes(self, bits: Tensor) -> Tensor:
-        """Bool bits ``(..., L)`` -> code values ``(..., L)`` in ``{-s, +s}``."""
-        s = self.codebook_scale
-        return torch.where(bits, s, -s).float()
+    @property
+    def code_magnitude(self) -> float:
+        return self.codebook_scale
 
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        """Quantize ``z`` of shape ``(B, D, H, W)`` or ``(N, D)``."""
-        flat, grid = channels_last_flat(z, self.codebook_dim)  # (N, D)
-        v = self.project_in(flat).float()  # (N, L)
-        bits = v > 0  # (N, L)
-        q = self.bits_to_codes(bits)  # (N, L)
-        ids = bits_to_ids(bits)  # (N,)
-        losses = {"commitment": F.mse_loss(v, q)}
-        metrics = implicit_code_metrics(ids, self.codebook_size)
-        if self.entropy_weight != 0:
-            # logit of bit d: (2 v_d s - (-2 v_d s)) / tau
-            bit_logits = 4.0 * self.codebook_scale * v / self.temperature  # (N, L)
-            losses["entropy"], entropy_metrics = entropy_penalty(
-                bit_logits, self.entropy_group_sizes, self.diversity_weight, sync=self.sync_entropy
-            )
-            metrics.update(entropy_metrics)
-        loss = weighted_total(losses, {"commitment": self.commitment_weight, "entropy": self.entropy_weight}, like=v)
-        out = self.project_out(straight_through(v, q)).to(flat.dtype)  # (N, D)
-        return QuantizerOutput(
-            quantized=restore_layout(out, grid), indices=ids.reshape(grid), loss=loss, losses=losses, metrics=metrics
-        )
+    def latent(self, flat: Tensor) -> Tensor:
+        return self.project_in(flat).float()  # (N, L)
 
-    @torch.no_grad()
-    def encode(self, z: Tensor) -> Tensor:
-        flat, grid = channels_last_flat(z, self.codebook_dim)
-        return bits_to_ids(self.project_in(flat).float() > 0).reshape(grid)
-
-    def decode(self, indices: Tensor) -> Tensor:
-        check_indices(indices, self.codebook_size)
-        grid = tuple(indices.shape)
-        q = self.bits_to_codes(ids_to_bits(indices.reshape(-1), self.num_bits))  # (N, L)
-        flat = self.project_out(q)  # (N, D)
-        return restore_layout(flat, grid)
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_bits={self.num_bits}, codebook_size=2^{self.num_bits}, codebook_dim={self.codebook_dim}, "
-            f"entropy_weight={self.entropy_weight}, temperature={self.temperature}"
-        )
+    def commitment_loss(self, v: Tensor, q: Tensor) -> Tensor:
+        return F.mse_loss(v, q)
