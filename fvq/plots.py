@@ -18,6 +18,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from fvq.quantizers.usage import usage_and_perplexity
+
 # generator loss terms of ``TokenizerLoss`` (logged as ``train/<name>``), drawn on one log-scale panel
 LOSS_TERMS: tuple[tuple[str, str], ...] = (
     ("train/loss", "total"),
@@ -209,7 +211,7 @@ def code_frequency_figure(counts: torch.Tensor | np.ndarray, title: str = "Held-
     used = int((freq > 0).sum())
     dead = k - used
     p = freq[:used]
-    perplexity = float(np.exp(-(p * np.log(p)).sum()))
+    perplexity = float(usage_and_perplexity(counts)[1])
 
     fig = Figure(figsize=(12, 3.4), layout="constrained")
     ax = fig.subplots()

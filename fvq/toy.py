@@ -53,9 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fvq.quantizers.functional import code_counts, perplexity_from_counts, usage_from_counts
 from fvq.quantizers.projectors import LinearProjector
 from fvq.quantizers.search import nearest_codes
+from fvq.quantizers.usage import code_counts, usage_and_perplexity
 from fvq.quantizers.vq import VectorQuantizer
 from fvq.quantizers.vq_bridge import VQBridge
 from fvq.training.lr_schedule import annealing_factor
@@ -322,13 +322,15 @@ def set_metrics(targets: Tensor, latents: Tensor, codes: Tensor) -> dict[str, fl
     idx_p = nearest_codes(targets, codes)  # (N,)
     idx_z = nearest_codes(latents, codes)  # (N,)
     counts_p = code_counts(idx_p, k)  # (K,)
+    usage, perplexity = usage_and_perplexity(counts_p)
+    latent_usage, _ = usage_and_perplexity(code_counts(idx_z, k))
     z_q = codes[idx_z]  # (N, D)
     return {
-        "usage": usage_from_counts(counts_p),
-        "latent_usage": usage_from_counts(code_counts(idx_z, k)),
+        "usage": float(usage),
+        "latent_usage": float(latent_usage),
         "distance": float((targets - codes[idx_p]).norm(dim=1).mean()),
         "latent_distance": float((latents - z_q).norm(dim=1).mean()),
-        "perplexity": perplexity_from_counts(counts_p),
+        "perplexity": float(perplexity),
         "task_loss": float(F.mse_loss(z_q, targets)),
         "dead_codes": float(k - int((counts_p > 0).sum())),
     }

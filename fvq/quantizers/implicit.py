@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from fvq.quantizers.usage import usage_and_perplexity
+
 MAX_ID_BITS = 62  # ids are int64; keep one bit of head-room so ``codebook_size`` itself fits too
 EXACT_ENTROPY_MAX_BITS = 12
 DEFAULT_ENTROPY_GROUP_BITS = 9
@@ -145,14 +147,6 @@ def entropy_penalty(
 def implicit_code_metrics(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
     """Batch usage (distinct ids / K) and perplexity of ``indices``, for codebooks too large for a histogram."""
     with torch.no_grad():
-        flat = indices.reshape(-1)
-        if flat.numel() == 0:
-            zero = torch.zeros((), device=indices.device)
-            return {"usage": zero, "perplexity": zero}
-        _, counts = torch.unique(flat, return_counts=True)
-        p = counts.double() / flat.numel()
-        entropy = -(p * p.log()).sum()
-        return {
-            "usage": torch.tensor(counts.numel() / codebook_size, device=indices.device, dtype=torch.float32),
-            "perplexity": entropy.exp().float(),
-        }
+        _, counts = torch.unique(indices.reshape(-1), return_counts=True)  # (M,) counts of the ids that occur
+        usage, perplexity = usage_and_perplexity(counts, codebook_size)
+        return {"usage": usage.float(), "perplexity": perplexity.float()}

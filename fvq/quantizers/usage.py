@@ -1,4 +1,5 @@
-"""Codebook health over many batches: usage, perplexity and dead codes, reduced across ranks."""
+"""Code statistics: usage and perplexity of a code histogram, and codebook health over many batches (usage,
+perplexity and dead codes, reduced across ranks)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,38 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fvq.quantizers.base import check_indices
-from fvq.quantizers.functional import perplexity_from_counts
+
+# smallest positive fp64: log() of a zero probability reads this instead of 0 (its term is 0 * log(tiny) = 0)
+_TINY = torch.finfo(torch.float64).tiny
+
+
+def code_counts(indices: Tensor, codebook_size: int) -> Tensor:
+    """Histogram of code ids: ``(codebook_size,)`` int64 counts of ``indices`` (any shape, values in ``[0, K)``)."""
+    return torch.bincount(indices.reshape(-1), minlength=codebook_size)
+
+
+def usage_and_perplexity(counts: Tensor, codebook_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Usage and perplexity of a code histogram, as fp64 scalar tensors on its device (no host read).
+
+    ``usage`` is the fraction of the K codes counted at least once; ``perplexity`` is ``exp(H(p))`` of the empirical
+    distribution ``p = counts / sum(counts)``: K when all K codes are used equally, 1 when one code takes every
+    token, 0 for an empty histogram.
+
+    Args:
+        counts: ``(M,)`` non-negative counts, any dtype: the dense histogram of all K codes (``M = K``), or only the
+            counts of the codes that occur (for implicit codebooks too large for a dense histogram).
+        codebook_size: K, when ``counts`` does not hold every code; defaults to ``M``.
+
+    Returns:
+        ``(usage, perplexity)``, fp64 scalars.
+    """
+    counts = counts.double()  # (M,)
+    total = counts.sum()
+    p = counts / total.clamp_min(1.0)  # (M,)
+    entropy = -(p * p.clamp_min(_TINY).log()).sum()
+    perplexity = torch.where(total > 0, entropy.exp(), torch.zeros_like(entropy))
+    usage = (counts > 0).sum().double() / (counts.numel() if codebook_size is None else codebook_size)
+    return usage, perplexity
 
 
 @dataclass
@@ -64,8 +96,7 @@ class CodebookUsage:
     def update(self, indices: Tensor) -> None:
         """Count ``indices`` (any shape, values in ``[0, K)``)."""
         check_indices(indices, self.codebook_size)
-        idx = indices.reshape(-1).to(self.counts.device)
-        self.counts += torch.bincount(idx, minlength=self.codebook_size)
+        self.counts += code_counts(indices.to(self.counts.device), self.codebook_size)
 
     def global_counts(self) -> Tensor:
         """The histogram summed over all ranks (a copy)."""
@@ -76,10 +107,11 @@ class CodebookUsage:
 
     def compute(self) -> UsageReport:
         counts = self.global_counts()
+        usage, perplexity = usage_and_perplexity(counts)
         used = int((counts > 0).sum())
         return UsageReport(
-            usage=used / self.codebook_size,
-            perplexity=perplexity_from_counts(counts),
+            usage=float(usage),
+            perplexity=float(perplexity),
             dead_codes=self.codebook_size - used,
             codebook_size=self.codebook_size,
             num_tokens=int(counts.sum()),

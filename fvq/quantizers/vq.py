@@ -59,6 +59,7 @@ from fvq.quantizers.objectives import (
     soft_assignment_entropy,
 )
 from fvq.quantizers.search import DEFAULT_MAX_CHUNK_BYTES, nearest_codes
+from fvq.quantizers.usage import code_counts, usage_and_perplexity
 
 DISTANCES = ("l2", "cosine")
 INITS = ("uniform", "normal")
@@ -564,7 +565,5 @@ def _check_options(
 def batch_code_metrics(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
     """Usage and perplexity of one batch of indices, as detached scalars (batch-local, not a set-level figure)."""
     with torch.no_grad():
-        counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
-        p = counts / counts.sum().clamp_min(1.0)
-        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
-        return {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp()}
+        usage, perplexity = usage_and_perplexity(code_counts(indices, codebook_size))
+        return {"usage": usage.float(), "perplexity": perplexity.float()}
