@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from fvq.distributed import all_reduce_mean_differentiable
 from fvq.quantizers.usage import usage_and_perplexity
 
 MAX_ID_BITS = 62  # ids are int64; keep one bit of head-room so ``codebook_size`` itself fits too
@@ -63,15 +63,6 @@ def entropy_groups(num_bits: int, group_bits: int | None) -> list[int]:
     num_groups = math.ceil(num_bits / group_bits)
     base, extra = divmod(num_bits, num_groups)
     return [base + (1 if g < extra else 0) for g in range(num_groups)]
-
-
-def _distributed_mean(t: Tensor) -> Tensor:
-    """Differentiable mean over ranks (identity when torch.distributed is not initialised)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(t) / dist.get_world_size()
 
 
 def binary_entropy_terms(
@@ -126,7 +117,7 @@ def binary_entropy_terms(
             lp0 = log_p0[i : i + rows, start : start + size]  # (n, g)
             log_joint = lp1 @ table.t() + lp0 @ (1.0 - table).t()  # (n, 2^g): log prod_d p(c_d | v_d)
             total = total + log_joint.exp().sum(dim=0)
-        avg = _distributed_mean(total / max(n, 1)) if sync else total / max(n, 1)  # (2^g,)
+        avg = all_reduce_mean_differentiable(total / max(n, 1)) if sync else total / max(n, 1)  # (2^g,)
         codebook_entropy = codebook_entropy - (avg * avg.clamp_min(1e-12).log()).sum()
         start += size
     return per_sample, codebook_entropy

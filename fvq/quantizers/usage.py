@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from fvq.distributed import all_reduce_sum_
 from fvq.quantizers.base import check_indices
 
 # smallest positive fp64: log() of a zero probability reads this instead of 0 (its term is 0 * log(tiny) = 0)
@@ -101,9 +101,7 @@ class CodebookUsage:
     def global_counts(self) -> Tensor:
         """The histogram summed over all ranks (a copy)."""
         counts = self.counts.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        return counts
+        return all_reduce_sum_(counts)
 
     def compute(self) -> UsageReport:
         counts = self.global_counts()
