@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fvq.distributed import all_reduce_mean_differentiable
+from fvq.quantizers.search import DEFAULT_MAX_CHUNK_BYTES
 from fvq.quantizers.usage import usage_and_perplexity
 
 MAX_ID_BITS = 62  # ids are int64; keep one bit of head-room so ``codebook_size`` itself fits too
@@ -70,7 +71,7 @@ def binary_entropy_terms(
     group_sizes: list[int],
     *,
     sync: bool = True,
-    max_chunk_bytes: int = 64 * 2**20,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
 ) -> tuple[Tensor, Tensor]:
     """Per-sample and codebook entropy of the soft assignment of binary codes, without the ``2^L`` softmax.
 
