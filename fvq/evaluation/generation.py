@@ -1071,8 +1071,9 @@ def _set_activations(
     key = _activation_key(images.content_key(cache_root), inception.protocol) if cache_root is not None else ""
     feature_file = cache_root / f"activations-{key}.npz" if cache_root is not None else None
     logit_file = None
-    if cache_root is not None and classifier is not None and not shared_trunk:
-        logit_file = cache_root / f"logits-{key}-{classifier.sha256[:16] or 'unhashed'}.npy"
+    # logits of a classifier of its own trunk are cached under its file's checksum (one built in memory has none)
+    if cache_root is not None and classifier is not None and not shared_trunk and classifier.sha256:
+        logit_file = cache_root / f"logits-{key}-{classifier.sha256[:16]}.npy"
     cached = _load_cached(feature_file, n) if feature_file is not None else None
     cached_logits = None
     if logit_file is not None and logit_file.is_file():

@@ -40,6 +40,8 @@ from fvq.evaluation.generation import (
     sfid_to_reference,
 )
 from fvq.evaluation.inception import FEATURE_DIM, SPATIAL_DIM, InceptionFeatures
+from fvq.evaluation.inception_is import ClassifierInception
+from fvq.weights import sha256_file
 
 
 class FakeInception(nn.Module):
@@ -56,11 +58,11 @@ class FakeInception(nn.Module):
 
     def preprocess(self, images: torch.Tensor, *, value_range=(-1.0, 1.0)) -> torch.Tensor:
         u = images.float() if images.dtype == torch.uint8 else (images.float() + 1) * 127.5
-        return F.adaptive_avg_pool2d(u / 255.0, 8)  # (B, 3, 8, 8)
+        return F.interpolate(u / 127.5 - 1, size=(75, 75), mode="bilinear")  # the classifier's smallest input
 
     def run_network(self, x: torch.Tensor) -> InceptionFeatures:
         self.images_seen += x.shape[0]
-        f = x.flatten(1)  # (B, 192)
+        f = F.adaptive_avg_pool2d(x, 8).flatten(1)  # (B, 192)
         return InceptionFeatures(pool=(f @ self.w_pool).relu(), spatial=f @ self.w_spatial)
 
 
@@ -457,6 +459,38 @@ def test_inception_score_unavailable_without_weights(tmp_path, fake, no_classifi
     assert "pt_inception-2015-12-05-6726825d.pth" in reason and "--inception-is" in reason
     assert "| Inception Score | unavailable |" in m.to_markdown()
     assert m.protocol["classifier"] is None
+
+
+def test_inception_score_with_a_classifier_of_another_trunk_and_its_logit_cache(tmp_path, fake, monkeypatch):
+    torch.manual_seed(0)
+    classifier = ClassifierInception()
+    for p in classifier.parameters():
+        p.data.normal_(0, 0.05)
+    torch.save(classifier.state_dict(), tmp_path / "w.pth")
+    digest = sha256_file(tmp_path / "w.pth")
+    forward, seen = ClassifierInception.forward, []
+    monkeypatch.setattr(ClassifierInception, "forward", lambda self, x: seen.append(len(x)) or forward(self, x))
+    images = _images(6)
+    np.savez(tmp_path / "s.npz", images)
+    _write_ref(tmp_path / "ref.npz")
+    kw = {"inception": fake, "cache": tmp_path / "c", "progress": False, "is_split_size": 4, "is_seed": 3}
+    m = evaluate_samples(
+        tmp_path / "s.npz", tmp_path / "ref.npz", classifier=tmp_path / "w.pth", **kw, classifier_sha256=digest
+    )
+    assert sum(seen) == 6 and fake.images_seen == 6
+    logits = forward(classifier, fake.preprocess(torch.from_numpy(images).permute(0, 3, 1, 2))).logits
+    expected = inception_score(logits, split_size=4, seed=3)
+    assert m.metrics["inception_score"] == pytest.approx(expected.mean, rel=1e-5)
+    assert m.metrics["inception_score_std"] == pytest.approx(expected.std, rel=1e-4, abs=1e-7)
+    assert m.counts["inception_score"]["samples"] == 6
+    assert m.protocol["classifier"]["sha256"] == digest and "second pass" in m.protocol["classifier"]["trunk"]
+    again = evaluate_samples(tmp_path / "s.npz", tmp_path / "ref.npz", classifier=classifier, **kw)
+    assert sum(seen) == 12 and fake.images_seen == 6  # a classifier built in memory has no cached logits
+    assert again.metrics["inception_score"] == pytest.approx(m.metrics["inception_score"], rel=1e-5)
+    evaluate_samples(
+        tmp_path / "s.npz", tmp_path / "ref.npz", classifier=tmp_path / "w.pth", **kw, classifier_sha256=digest
+    )
+    assert sum(seen) == 12 and fake.images_seen == 6  # the file's logits come from the cache
 
 
 def test_report_holds_counts_sha256_crop_balance_and_settings(tmp_path, fake, no_classifier):
