@@ -1,8 +1,9 @@
 """Experiment configuration: dataclasses, YAML presets and ``key=value`` overrides.
 
-A training run is described by one :class:`TrainConfig`. It is read from a YAML file (``configs/*.yaml``; a name
-like ``tiny_fvq`` finds the preset shipped with fvq), updated by command-line overrides such as
-``optim.lr=2e-4 quantizer.codebook_size=8192``, validated, and stored as plain data in every checkpoint.
+A training run is described by one config of its kind (:class:`TrainConfig` for tokenizers,
+:class:`GeneratorTrainConfig` for the generator; the ``task:`` key selects it). It is read from a YAML file
+(``configs/*.yaml``; a name like ``tiny_fvq`` finds the preset shipped with fvq), updated by command-line overrides
+such as ``optim.lr=2e-4 quantizer.codebook_size=8192``, validated, and stored as plain data in every checkpoint.
 """
 
 from __future__ import annotations
@@ -164,11 +165,163 @@ class TrainConfig(RunConfig):
                 raise ValueError(f"{name} must be a mapping, got {type(getattr(self, name)).__name__}")
 
 
+@dataclass
+class GeneratorOptimConfig:
+    """AdamW for the generator (LlamaGen's recipe): LR scaled by ``global_batch_size / base_batch_size``, weight decay
+    on matrices only (parameters with ``ndim >= 2``: linear and embedding weights; not norms)."""
+
+    lr: float = 1e-4
+    base_batch_size: int = 256
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+
+
+# Learning-rate schedules of the generator as fields of fvq.training.AnnealingSchedule. A config selects one with
+# ``schedule: {preset: fvq}`` (other keys of the section override single fields).
+GENERATOR_SCHEDULES: dict[str, dict[str, Any]] = {
+    # LlamaGen: the base LR throughout
+    "llamagen": {
+        "warmup_fraction": 0.0,
+        "warmup_start": 1.0,
+        "constant_fraction": 1.0,
+        "final_factor": 1.0,
+        "decay": "none",
+    },
+    # FVQ (paper Table 6): no warmup, 5 % of the steps at the base LR, then linear to 0.01 x
+    "fvq": {
+        "warmup_fraction": 0.0,
+        "warmup_start": 1.0,
+        "constant_fraction": 0.05,
+        "final_factor": 0.01,
+        "decay": "linear",
+    },
+}
+
+
+@dataclass
+class GeneratorScheduleConfig(ScheduleConfig):
+    """The generator's schedule; defaults are the ``llamagen`` preset of :data:`GENERATOR_SCHEDULES` (constant)."""
+
+    warmup_fraction: float = 0.0
+    warmup_start: float = 1.0
+    constant_fraction: float = 1.0
+    final_factor: float = 1.0
+    decay: str = "none"
+
+
+SHARDING = ("ddp", "fsdp")
+# set from the token data (vocab_size, grid) or from the config's top level (num_classes, activation_checkpointing)
+_GENERATOR_MODEL_KEYS_ELSEWHERE = ("vocab_size", "grid", "num_classes", "activation_checkpointing")
+
+
+@dataclass
+class GeneratorTrainConfig(RunConfig):
+    """A class-conditional generator (LlamaGen's GPT, :mod:`fvq.generation`) trained on a tokenizer's tokens.
+
+    The vocabulary and the token grid come from the token data, never from the config.
+
+    Attributes:
+        model: ``{"preset": "gpt_b", **GPTConfig fields}`` (dropouts, ``class_position_rope``, ...), or the shape
+            (``dim``, ``n_layer``, ``n_head``) without a preset. Not ``vocab_size``, ``grid``, ``num_classes``.
+        tokens: Token store of the training images (written by ``fvq encode``).
+        val_tokens: Held-out token store for validation; ``None`` validates on the ``val`` split of ``tokens``
+            (which reads training images: a warning says so).
+        num_classes: Class labels of the model; ``None`` takes the token data's.
+        ema: Decay of an exponential moving average of the weights (e.g. 0.9999), or ``None`` for none.
+        sharding: ``"ddp"`` (replicated) or ``"fsdp"`` (PyTorch FSDP2, parameters sharded per transformer block)
+            when several processes run.
+        activation_checkpointing: Recompute each block in the backward pass (memory for compute).
+        val_batch_size: Held-out sequences per forward on each rank.
+        val_samples: Held-out sequences validated (the first ones of the store); ``None`` for all.
+        optim: AdamW settings (:class:`GeneratorOptimConfig`).
+        schedule: LR schedule; :data:`GENERATOR_SCHEDULES` names ``llamagen`` (constant, default) and ``fvq``.
+    """
+
+    task: str = "generator"
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "gpt_b"})
+    tokens: str | None = None
+    val_tokens: str | None = None
+    num_classes: int | None = None
+    ema: float | None = None
+    sharding: str = "ddp"
+    activation_checkpointing: bool = False
+    val_batch_size: int = 32
+    val_samples: int | None = 10_000
+    optim: GeneratorOptimConfig = field(default_factory=GeneratorOptimConfig)
+    schedule: GeneratorScheduleConfig = field(default_factory=GeneratorScheduleConfig)
+    global_batch_size: int = 256
+    log_every: int = 100
+    val_every: int = 5000
+    checkpoint_every: int = 5000
+
+    def validate(self) -> None:
+        super().validate()
+        if self.task != "generator":
+            raise ValueError(f"a generator config has task: generator, got {self.task!r}")
+        if not self.tokens:
+            raise ValueError("tokens must name the token store of the training images (e.g. tokens=/data/tokens)")
+        if not isinstance(self.model, dict):
+            raise ValueError(f"model must be a mapping, got {type(self.model).__name__}")
+        elsewhere = sorted(set(self.model) & set(_GENERATOR_MODEL_KEYS_ELSEWHERE))
+        if elsewhere:
+            raise ValueError(
+                f"model.{elsewhere[0]} is not set in the model section: vocab_size and grid come from the token data, "
+                f"num_classes and activation_checkpointing are top-level keys"
+            )
+        from fvq.generation.gpt import PRESETS, GPTConfig
+
+        known = {f.name for f in dataclasses.fields(GPTConfig)} | {"preset"}
+        unknown = sorted(set(self.model) - known)
+        if unknown:
+            raise ValueError(f"unknown model key(s) {unknown}; valid keys: {sorted(known - set(elsewhere))}")
+        if "preset" not in self.model and not {"dim", "n_layer", "n_head"} <= set(self.model):
+            raise ValueError(f"model needs a preset ({sorted(PRESETS)}) or dim, n_layer and n_head")
+        if self.sharding not in SHARDING:
+            raise ValueError(f"sharding must be one of {SHARDING}, got {self.sharding!r}")
+        if self.sharding == "fsdp" and self.precision == "fp16":
+            raise ValueError("sharding=fsdp trains in fp32 or bf16; fp16's loss scaling is not supported with it")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ValueError(f"ema must be a decay in (0, 1) or null, got {self.ema}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 or null (from the data), got {self.num_classes}")
+        if self.val_batch_size < 1:
+            raise ValueError(f"val_batch_size must be >= 1, got {self.val_batch_size}")
+        if self.val_samples is not None and self.val_samples < 1:
+            raise ValueError(f"val_samples must be >= 1 or null (all), got {self.val_samples}")
+        if self.optim.base_batch_size < 1 or self.optim.lr <= 0 or self.optim.weight_decay < 0:
+            raise ValueError("optim needs lr > 0, base_batch_size >= 1 and weight_decay >= 0")
+
+    @property
+    def base_lr(self) -> float:
+        """The AdamW LR before the schedule: ``optim.lr * global_batch_size / optim.base_batch_size``."""
+        return self.optim.lr * self.global_batch_size / self.optim.base_batch_size
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GeneratorTrainConfig:
+        """As :meth:`RunConfig.from_dict`; ``schedule`` may name a preset (``schedule: fvq`` or
+        ``schedule: {preset: fvq, final_factor: 0.02}``), whose fields it expands to."""
+        data = dict(data)
+        schedule = data.get("schedule")
+        if isinstance(schedule, str):
+            schedule = {"preset": schedule}
+        if isinstance(schedule, dict) and "preset" in schedule:
+            schedule = dict(schedule)
+            name = schedule.pop("preset")
+            if name not in GENERATOR_SCHEDULES:
+                raise ValueError(f"unknown schedule preset {name!r}; presets: {sorted(GENERATOR_SCHEDULES)}")
+            data["schedule"] = {**GENERATOR_SCHEDULES[name], **schedule}
+        return _from_dict(cls, data, path="")
+
+
 _RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 # task name -> its config class; a model kind registers itself here
-TASKS: dict[str, type[RunConfig]] = {"tokenizer": TrainConfig}
+TASKS: dict[str, type[RunConfig]] = {"tokenizer": TrainConfig, "generator": GeneratorTrainConfig}
 # task name -> the module with its ``train(config, run_dir, resume=, max_steps=, overwrite=)`` and ``summary(result)``
-TASK_MODULES: dict[str, str] = {"tokenizer": "fvq.training.tokenizer_task"}
+TASK_MODULES: dict[str, str] = {
+    "tokenizer": "fvq.training.tokenizer_task",
+    "generator": "fvq.training.generator_task",
+}
 
 
 def _plain(value: Any) -> Any:
@@ -189,7 +342,7 @@ def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
         raise ValueError(f"unknown config key(s) {unknown}{where}; valid keys: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
-        sub = _SECTIONS.get(name) if not path else None
+        sub = _section_type(fields[name]) if not path else None
         if sub is not None:
             kwargs[name] = _from_dict(sub, value or {}, path=name)
         elif name == "betas":
@@ -231,6 +384,15 @@ def _coerce(value: Any, annotation: str, key: str) -> Any:
 
 
 _SECTIONS: dict[str, type] = {"loss": LossConfig, "optim": OptimConfig, "schedule": ScheduleConfig}
+
+
+def _section_type(f: dataclasses.Field) -> type | None:
+    """The dataclass of a config section: the one the field's default is made of (each kind may have its own
+    ``optim`` or ``schedule`` with its own defaults), else :data:`_SECTIONS`'s."""
+    factory = f.default_factory
+    if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+        return factory
+    return _SECTIONS.get(f.name)
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

@@ -6,6 +6,10 @@ learning-rate factor (a pure function of the step), gradient accumulation under 
 guard, logging, validation, checkpoints and exact resume. A :class:`TrainingTask` supplies the rest: the model, its
 optimizers, the loss of one optimizer step and the validation.
 
+Several processes either replicate the model (DDP, :meth:`Engine.wrap`) or shard it (PyTorch's FSDP2
+``fully_shard``, :meth:`Engine.shard`). Checkpoints hold the full, unsharded model and optimizer states in the same
+layout either way (gathered on rank 0 through ``torch.distributed.checkpoint.state_dict``).
+
 Host synchronisations: a step reads exactly one small tensor on the host (whether every rank's loss and gradients
 were finite, the skip decision all ranks must share). Losses and metrics stay tensors until a log step, where they
 are reduced over ranks and read once.
@@ -26,6 +30,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -118,10 +124,85 @@ class TrainingTask(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    # Optional hooks (looked up with getattr):
+    #   check_checkpoint(state) -> None: raise a ValueError that explains why a checkpoint does not fit, before any
+    #       state is loaded (e.g. another architecture).
+    #   finish(engine) -> None: called once on every rank when the run reaches its last step (e.g. an export).
+
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (itself when not wrapped)."""
+    """The module inside a DDP wrapper (itself when not wrapped, or sharded in place by FSDP2)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP2 (:func:`torch.distributed.fsdp.fully_shard`)."""
+    return isinstance(model, FSDPModule)
+
+
+def _full_state_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # every tensor gathered whole, on the CPU, on rank 0 only (the other ranks get an empty dict)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def model_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The full state dict of ``model`` (collective when sharded: every rank calls it; only rank 0 gets tensors)."""
+    if not is_sharded(model):
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_state_options())
+
+
+def load_model_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load a full state dict (as :func:`model_state_dict` returns) into ``model``, sharded or not (strict)."""
+    if not is_sharded(model):
+        unwrap(model).load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """The names of ``optimizer``'s parameters, group by group (the order ``optimizer.state_dict()`` numbers them)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()``; for a sharded ``model`` the full state gathered on rank 0 in that same layout
+    (parameters numbered in group order), so checkpoints of replicated and sharded runs are interchangeable.
+    Collective when sharded; the other ranks get ``{}``."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(model, optimizer, options=_full_state_options())
+    if not full:
+        return {}
+    ids = {name: i for i, name in enumerate(n for group in _parameter_names(model, optimizer) for n in group)}
+    return {
+        "state": {ids[name]: value for name, value in full["state"].items()},
+        "param_groups": [{**group, "params": [ids[n] for n in group["params"]]} for group in full["param_groups"]],
+    }
+
+
+def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load what :func:`optimizer_state_dict` returned into ``optimizer`` (whose parameters are ``model``'s)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [n for group in _parameter_names(model, optimizer) for n in group]
+    full = {
+        "state": {names[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
 
 
 def seed_process(seed: int) -> None:
@@ -223,6 +304,20 @@ class Engine:
             find_unused_parameters=find_unused_parameters,
         )
 
+    def shard(self, model: nn.Module, units: Sequence[nn.Module] = ()) -> nn.Module:
+        """``model`` sharded with FSDP2 when several processes run: each of ``units`` (e.g. transformer blocks) gets
+        its own parameter group, then the root takes the rest. Parameters, gradients and optimizer states are split
+        over the ranks; each unit's parameters are gathered just for its forward and backward. One process: the
+        model as it is.
+        """
+        if not self.ctx.distributed:
+            return model
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in units:
+            fully_shard(unit)
+        return fully_shard(model)
+
     def attach(self, task: TrainingTask) -> None:
         """Take the task: its training set gives the loader, the epoch length and the schedule's length."""
         from fvq.data import build_loader
@@ -280,9 +375,9 @@ class Engine:
         """Accumulate the gradients of ``loss_fn`` over the micro-batches, unscale, clip; no host read.
 
         Args:
-            model: The module whose parameters ``optimizer`` updates. Under DDP (wrapped by :meth:`wrap`) gradients
-                are synchronised on the last micro-batch only; a module that is not wrapped has its gradients averaged
-                over ranks here.
+            model: The module whose parameters ``optimizer`` updates. Under DDP (wrapped by :meth:`wrap`) or FSDP2
+                (:meth:`shard`) gradients are synchronised on the last micro-batch only; a module that is neither has
+                its gradients averaged over ranks here.
             optimizer: Its optimizer.
             micro_batches: This rank's micro-batches of the step.
             loss_fn: ``micro_batch -> (loss, terms)``; ``terms`` are detached scalar tensors to log.
@@ -297,9 +392,12 @@ class Engine:
         optimizer.zero_grad(set_to_none=True)
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         ddp = isinstance(model, DistributedDataParallel)
+        sharded = is_sharded(model)
         for i, micro in enumerate(micro_batches):
-            sync = i == accum - 1 or not ddp
-            with contextlib.nullcontext() if sync else model.no_sync():
+            sync = i == accum - 1
+            if sharded:  # FSDP2 has no no_sync(): it reduce-scatters unless told not to
+                model.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or not ddp else model.no_sync():
                 with self.autocast():
                     loss, terms = loss_fn(micro)
                 finite &= torch.isfinite(loss.detach())
@@ -307,12 +405,14 @@ class Engine:
             for key, value in terms.items():
                 scalars[key] = scalars[key] + value / accum if key in scalars else value / accum
         params = [p for p in model.parameters() if p.grad is not None]
-        if not ddp and self.ctx.distributed:  # e.g. the discriminator: average its gradients by hand
+        if not (ddp or sharded) and self.ctx.distributed:  # e.g. the discriminator: average its gradients by hand
             for p in params:
                 all_reduce_sum_(p.grad).div_(self.ctx.world_size)
         self.scaler.unscale_(optimizer)
         # the total norm is finite exactly when every gradient is: one reduction instead of one read per tensor
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
+        if isinstance(grad_norm, DTensor):  # sharded gradients: the norm over all shards, replicated on every rank
+            grad_norm = grad_norm.full_tensor()
         finite &= torch.isfinite(grad_norm)
         scalars[f"{prefix}grad_norm"] = grad_norm.detach()
 
@@ -349,8 +449,8 @@ class Engine:
         return {
             "step": self.step,
             "config": self.config.to_dict(),
-            "model": unwrap(task.model).state_dict(),
-            **{f"optim_{name}": opt.state_dict() for name, (opt, _) in task.optimizers.items()},
+            "model": model_state_dict(task.model),
+            **{f"optim_{name}": optimizer_state_dict(task.model, opt) for name, (opt, _) in task.optimizers.items()},
             **task.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rngs,
@@ -361,11 +461,14 @@ class Engine:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         task = self.task
-        unwrap(task.model).load_state_dict(state["model"])
+        check = getattr(task, "check_checkpoint", None)
+        if check is not None:
+            check(state)
+        load_model_state_dict(task.model, state["model"])
         for name, (opt, _) in task.optimizers.items():
             saved = state.get(f"optim_{name}")
             if saved:
-                opt.load_state_dict(saved)
+                load_optimizer_state_dict(task.model, opt, saved)
         task.load_state_dict(state)
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -491,11 +594,10 @@ class Engine:
                 values = reduce_scalars(scalars, self.device)
                 values["images_per_s"] = cfg.global_batch_size * (self.step - step) / max(time.time() - t0, 1e-9)
                 self.logger.log(self.step, {f"train/{k}" if "/" not in k else k: v for k, v in values.items()})
-                bar.set_postfix(
-                    loss=f"{values.get('loss', float('nan')):.4f}",
-                    usage=f"{values.get('quantizer/usage', float('nan')):.3f}",
-                    lr=f"{values['lr']:.2e}",
-                )
+                shown = {"loss": f"{values.get('loss', float('nan')):.4f}"}
+                if "quantizer/usage" in values:
+                    shown["usage"] = f"{values['quantizer/usage']:.3f}"
+                bar.set_postfix(**shown, lr=f"{values['lr']:.2e}")
             t0 = time.time()
             # 3. Validation and checkpoints.
             last = self.step == self.total_steps
@@ -507,6 +609,9 @@ class Engine:
             if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last or self.step == end:
                 self.save_checkpoint()
         bar.close()
+        finish = getattr(self.task, "finish", None)
+        if finish is not None and self.step == self.total_steps:
+            finish(self)
         self.logger.close()
         return TrainResult(
             run_dir=self.run.path,
