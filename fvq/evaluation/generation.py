@@ -732,10 +732,7 @@ def open_samples(path: str | os.PathLike) -> SampleSet:
     p = Path(path)
     if p.is_dir():
         files, _, _ = scan_images(p)
-        from PIL import Image
-
-        with Image.open(files[0]) as first:
-            w, h = first.size
+        w, h = decode_image(files[0]).image.size
         return SampleSet(p, "folder", len(files), (h, w), files=files)
     if not p.exists():
         raise FileNotFoundError(
@@ -1445,6 +1442,38 @@ def evaluate_samples(
     return distributed.all_gather_objects(result)[0]  # type: ignore[return-value]
 
 
+def _reference_gaussian(stored: Gaussian | None, ref_features: Tensor | None, what: str) -> Gaussian | None:
+    """The stored statistics; else those of the reference's images (as ADM); else ``None``."""
+    if stored is not None:
+        return stored
+    if ref_features is not None and ref_features.shape[0] >= 2:
+        n = ref_features.shape[0]
+        return Gaussian.of_features(ref_features, source=f"{what} computed from the {n} arr_0 images (none stored)")
+    return None
+
+
+def _describe_reference_images(ref: ReferenceBatch) -> str:
+    if ref.content == "features":
+        return f"{ref.num_images} stored pool feature vectors"
+    if ref.content == "none" or ref.image_size is None:
+        return "none"
+    h, w = ref.image_size
+    crop = ref.info.get("crop")
+    how = f"{crop} (S = {ref.info.get('image_size')}) from {ref.info.get('source_folder')}" if crop else "as stored"
+    return f"{ref.num_images} images of {h}x{w}, {how}"
+
+
+def _describe_classifier(classifier: ClassifierInception | None, shared_trunk: bool) -> dict[str, Any] | None:
+    if classifier is None:
+        return None
+    return {
+        "path": str(classifier.path) if classifier.path else None,
+        "sha256": classifier.sha256 or None,
+        "logits": "pool_3 @ fc.weight.T, no bias (ADM's softmax/logits/MatMul)",
+        "trunk": "the FID Inception's (logits from its pool features)" if shared_trunk else "its own (second pass)",
+    }
+
+
 def _score(
     *,
     sample_set: SampleSet,
@@ -1463,72 +1492,59 @@ def _score(
     pr_batch_size: int,
     device: torch.device,
 ) -> GenerationMetrics:
+    """Every figure from the gathered features, with what it was computed from (rank 0)."""
     n = len(acts)
     metrics: dict[str, float] = {}
     unavailable: dict[str, str] = {}
     counts: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
 
-    # FID / sFID: stored statistics when the file has them, else those of its images (as ADM)
-    sources = {}
-    for key, stored, features, ref_features in (
-        ("fid", ref.fid, acts.pool, None if ref_acts is None else ref_acts.pool),
-        ("sfid", ref.sfid, acts.spatial, None if ref_acts is None else ref_acts.spatial),
+    # FID and sFID against the stored statistics (else those of the reference's images, as ADM)
+    sources = {"fid": "absent", "sfid": "absent"}
+    for key, what, stored, features, ref_features in (
+        ("fid", "mu/sigma", ref.fid, acts.pool, None if ref_acts is None else ref_acts.pool),
+        ("sfid", "mu_s/sigma_s", ref.sfid, acts.spatial, None if ref_acts is None else ref_acts.spatial),
     ):
-        gaussian = stored
-        if gaussian is None and ref_features is not None and ref_features.shape[0] >= 2:
-            what = "mu/sigma" if key == "fid" else "mu_s/sigma_s"
-            gaussian = Gaussian.of_features(
-                ref_features, source=f"{what} computed from the {ref_features.shape[0]} arr_0 images (none stored)"
-            )
+        gaussian = _reference_gaussian(stored, ref_features, what)
         if gaussian is None:
-            what = "mu/sigma" if key == "fid" else "mu_s/sigma_s"
             unavailable[key] = f"the reference stores no {what} and has no arr_0 images to compute them from"
-            sources[key] = "absent"
             continue
         metrics[key] = frechet_to_gaussian(features, gaussian.mu, gaussian.sigma)
         sources[key] = gaussian.source
-        stored_n = ref.info.get("num_images") if stored is not None else None
-        reference_n = (
-            f"stored ({stored_n} images)"
-            if stored is not None and stored_n
-            else "stored"
-            if stored is not None
-            else ref.num_images
-        )
+        if stored is None:
+            reference_n: int | str = ref.num_images
+        else:
+            stored_n = ref.info.get("num_images")  # known for files made by make_reference_batch
+            reference_n = f"stored ({stored_n} images)" if stored_n else "stored"
         counts[key] = {"samples": n, "reference": reference_n}
 
-    # Inception Score
-    if acts.logits is not None:
+    # Inception Score from the classifier's logits
+    if acts.logits is None:
+        unavailable["inception_score"] = classifier_missing or "no IS classifier was given"
+    else:
         score = inception_score(acts.logits, split_size=is_split_size, seed=is_seed)
-        metrics["inception_score"] = score.mean
-        metrics["inception_score_std"] = score.std
+        metrics["inception_score"], metrics["inception_score_std"] = score.mean, score.std
         counts["inception_score"] = {"samples": n, "reference": "-"}
-        if n % is_split_size and n > is_split_size:
+        if n > is_split_size and n % is_split_size:
             notes.append(
                 f"IS: {n} samples are not a multiple of the split size {is_split_size}; the last split holds "
                 f"{n % is_split_size} samples (ADM's rule)"
             )
-    else:
-        unavailable["inception_score"] = classifier_missing or "no classifier"
 
-    # precision / recall on pool features
+    # precision and recall on the pool features of all reference vectors and all samples
     ref_pool = ref.pool_features() if ref.content == "features" else None if ref_acts is None else ref_acts.pool
     if ref_pool is None:
-        for key in ("precision", "recall"):
-            unavailable[key] = "the reference has no arr_0 (images or pool features) to build its manifold from"
+        reason = "the reference has no arr_0 (images or pool features) to build its manifold from"
+        unavailable.update(precision=reason, recall=reason)
     elif ref_pool.shape[0] <= k or n <= k:
-        for key in ("precision", "recall"):
-            unavailable[key] = (
-                f"a k = {k} manifold needs more than {k} vectors per set ({ref_pool.shape[0]} reference, {n} samples)"
-            )
+        reason = f"a k = {k} manifold needs more than {k} vectors per set ({ref_pool.shape[0]} reference, {n} samples)"
+        unavailable.update(precision=reason, recall=reason)
     else:
         pr = precision_recall(
             ref_pool, acts.pool, k=k, row_batch_size=pr_batch_size, col_batch_size=pr_batch_size, device=device
         )
         metrics["precision"], metrics["recall"] = pr.precision, pr.recall
-        for key in ("precision", "recall"):
-            counts[key] = {"samples": n, "reference": pr.num_reference}
+        counts["precision"] = counts["recall"] = {"samples": n, "reference": pr.num_reference}
 
     # what was compared
     h, w = sample_set.image_size
@@ -1539,12 +1555,10 @@ def _score(
             "Inception, but the figures are not those of a same-resolution comparison"
         )
     if n != ADM_NUM_SAMPLES:
-        notes.append(
-            f"{n} samples: published figures use {ADM_NUM_SAMPLES} (FID and IS are biased by the sample count)"
-        )
+        notes.append(f"{n} samples: published figures use {ADM_NUM_SAMPLES} (FID and IS depend on the sample count)")
     balance = None
     if sample_set.labels is not None:
-        num_classes = settings.get("num_classes") if settings else None
+        num_classes = (settings or {}).get("num_classes")
         balance = class_balance(
             sample_set.labels,
             source=sample_set.labels_source,
@@ -1552,19 +1566,6 @@ def _score(
         )
     elif settings is not None and settings_path is not None:
         balance = _balance_from_config(settings, settings_path, n)
-    ref_crop = ref.info.get("crop")
-    ref_images = (
-        f"{ref.num_images} images of {ref.image_size[0]}x{ref.image_size[1]}"
-        + (
-            f", {ref_crop} (S = {ref.info.get('image_size')}) from {ref.info.get('source_folder')}"
-            if ref_crop
-            else ", as stored (made outside fvq)"
-        )
-        if ref.content == "images" and ref.image_size is not None
-        else f"{ref.num_images} stored pool feature vectors"
-        if ref.content == "features"
-        else "none"
-    )
     return GenerationMetrics(
         metrics=metrics,
         unavailable=unavailable,
@@ -1583,24 +1584,15 @@ def _score(
         reference={
             "path": str(ref.path),
             "sha256": ref.sha256,
-            "fid_statistics": sources.get("fid", "absent"),
-            "sfid_statistics": sources.get("sfid", "absent"),
-            "images": ref_images,
+            "fid_statistics": sources["fid"],
+            "sfid_statistics": sources["sfid"],
+            "images": _describe_reference_images(ref),
             "fvq_info": ref.info or None,
         },
         protocol={
             "inception": inception.protocol,
             "spatial_features": SPATIAL_SPEC,
-            "classifier": None
-            if classifier is None
-            else {
-                "path": str(classifier.path) if classifier.path else None,
-                "sha256": classifier.sha256 or None,
-                "logits": "pool_3 @ fc.weight.T, no bias (ADM's softmax/logits/MatMul)",
-                "trunk": "the FID Inception's (logits from its pool features)"
-                if shared_trunk
-                else "its own (second pass)",
-            },
+            "classifier": _describe_classifier(classifier, shared_trunk),
             "inception_score": {
                 "split_size": is_split_size,
                 "shuffle_seed": is_seed,
@@ -1673,9 +1665,10 @@ def make_reference_batch(
     dev = _device(device)
     cache_root = _cache_root(cache)
     n, s = len(files), int(image_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    made_parent = not out.parent.exists()
     tmp = out.with_name(f".{out.name}.partial.npz")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         # 1. rank 0 crops every image and streams it into arr_0
         if distributed.is_main_process():
             loader = DataLoader(
@@ -1735,8 +1728,11 @@ def make_reference_batch(
             os.replace(tmp, out)
         distributed.barrier()
     except BaseException:
-        if distributed.is_main_process() and tmp.exists():
-            tmp.unlink()
+        if distributed.is_main_process():
+            if tmp.exists():
+                tmp.unlink()
+            if made_parent and out.parent.is_dir() and not any(out.parent.iterdir()):
+                out.parent.rmdir()
         raise
     # the new file's features go into the cache (keyed by its content, as evaluate_samples looks them up)
     if cache_root is not None:
