@@ -665,6 +665,7 @@ class SampleSet:
     labels_source: str = ""
 
     def describe(self) -> str:
+        """The set in words: path, format, count and size."""
         h, w = self.image_size
         what = "arr_0 of an ADM-layout .npz" if self.kind == "npz" else "image files of a folder"
         return f"{self.path} ({what}, {self.num_images} images of {h}x{w})"
@@ -1313,12 +1314,22 @@ def _resolve_classifier(
     sha256: str | None,
     device: torch.device,
 ) -> tuple[ClassifierInception | None, str]:
+    """The IS classifier and, without one, why not.
+
+    A file given explicitly must load (errors propagate); a file only found in the environment or torch.hub's
+    folder that cannot be used makes the IS unavailable with the reason, so FID and the rest are still computed.
+    """
     if isinstance(classifier, ClassifierInception):
         return classifier.to(device), ""
     file, why = find_classifier_weights(classifier)
     if file is None:
         return None, why
-    return load_classifier_inception(file, sha256=sha256, device=device), ""
+    try:
+        return load_classifier_inception(file, sha256=sha256, device=device), ""
+    except ValueError as err:
+        if classifier is not None:
+            raise
+        return None, f"found {file} ({why}) but cannot use it: {err}"
 
 
 def _check_positive(**values: int) -> None:

@@ -461,6 +461,20 @@ def test_inception_score_unavailable_without_weights(tmp_path, fake, no_classifi
     assert m.protocol["classifier"] is None
 
 
+def test_unusable_weights_found_in_the_environment_leave_the_rest_computed(tmp_path, fake, no_classifier, monkeypatch):
+    (tmp_path / "other.pth").write_bytes(b"not the classifier")
+    monkeypatch.setenv("FVQ_IS_INCEPTION_WEIGHTS", str(tmp_path / "other.pth"))
+    np.savez(tmp_path / "s.npz", _images(8))
+    _write_ref(tmp_path / "ref.npz")
+    m = evaluate_samples(tmp_path / "s.npz", tmp_path / "ref.npz", inception=fake, cache=False, progress=False)
+    assert "fid" in m.metrics and "inception_score" not in m.metrics
+    assert "cannot use it" in m.unavailable["inception_score"] and "SHA-256" in m.unavailable["inception_score"]
+    with pytest.raises(ValueError, match="SHA-256"):  # the same file given explicitly is an error
+        evaluate_samples(
+            tmp_path / "s.npz", tmp_path / "ref.npz", inception=fake, classifier=tmp_path / "other.pth", cache=False
+        )
+
+
 def test_inception_score_with_a_classifier_of_another_trunk_and_its_logit_cache(tmp_path, fake, monkeypatch):
     torch.manual_seed(0)
     classifier = ClassifierInception()
