@@ -1,6 +1,8 @@
 """fvq: train, evaluate and use discrete image tokenizers whose codebooks are fully used."""
 
-__version__ = "0.1.0"
+from fvq.version import __version__
+
+__all__ = ["__version__"]
 
 
 def __getattr__(name: str):

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; the subcommand ``command`` (if given) gets its full arguments."""
-    from fvq import __version__
+    from fvq.version import __version__
 
     parser = argparse.ArgumentParser(prog="fvq", description="Discrete image tokenizers with fully used codebooks.")
     parser.add_argument("--version", action="version", version=f"fvq {__version__}")

@@ -29,6 +29,22 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def placement(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process: the values given (e.g. to split data for a rank other than this
+    one), else the process group's, else ``(0, 1)``.
+
+    Raises:
+        ValueError: The rank is outside ``[0, world_size)``.
+    """
+    rank = (dist.get_rank() if is_distributed() else 0) if rank is None else int(rank)
+    world_size = (dist.get_world_size() if is_distributed() else 1) if world_size is None else int(world_size)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"rank must be in [0, world_size) with world_size >= 1, got rank={rank}, world_size={world_size}"
+        )
+    return rank, world_size
+
+
 def is_main_process() -> bool:
     """True on rank 0 (and in a single process)."""
     return rank() == 0
@@ -140,13 +156,15 @@ def init_distributed(device: str = "auto") -> DistributedContext:
 
 
 def cleanup_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group (after a barrier: tearing down while a peer still sends can abort it)."""
+    if is_distributed():
+        barrier()
         dist.destroy_process_group()
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average scalar metrics over ranks (identity in a single process)."""
-    if not values or not (dist.is_available() and dist.is_initialized()):
+    if not values or not is_distributed():
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
@@ -157,7 +175,7 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` is true on at least one rank (so all ranks take the same branch)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -166,7 +184,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 def all_gather_objects(obj: object) -> list[object]:
     """Every rank's ``obj`` (a list of one element in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return [obj]
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)

@@ -597,7 +597,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         FileNotFoundError: ``run_dir`` does not exist.
         ValueError: ``run_dir`` is not a run directory, or ``out`` is not an ``.html`` file path.
     """
-    from fvq import __version__, plots
+    from fvq import plots
+    from fvq.version import __version__
 
     run = load_run(run_dir)
     out = Path(out) if out is not None else run.run_dir / "report" / "index.html"

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from fvq.data.embedded import EmbeddedPhotos
@@ -31,6 +30,7 @@ from fvq.data.folder import ImageFolder, ImageTransform
 from fvq.data.images import IMAGE_EXTENSIONS, BadFileStats
 from fvq.data.shards import ShardDataset
 from fvq.data.transforms import EvalCrop, RandomResizedCropPaper, sample_rng
+from fvq.distributed import placement
 
 __all__ = [
     "DATASET_TYPES",
@@ -197,15 +197,6 @@ def build_dataset(config: Mapping[str, Any], split: str) -> Dataset:
     )
 
 
-def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    initialised = dist.is_available() and dist.is_initialized()
-    if rank is None:
-        rank = dist.get_rank() if initialised else 0
-    if world_size is None:
-        world_size = dist.get_world_size() if initialised else 1
-    return rank, world_size
-
-
 class ResumableDistributedSampler(Sampler[int]):
     """Per-epoch permutation split across ranks, able to start mid-epoch.
 
@@ -235,7 +226,7 @@ class ResumableDistributedSampler(Sampler[int]):
     ) -> None:
         self.dataset = dataset
         self.num_items = len(dataset)  # type: ignore[arg-type]
-        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self.rank, self.world_size = placement(rank, world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
         if drop_last and self.num_items < self.world_size:
@@ -363,7 +354,7 @@ def build_loader(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    rank, world_size = _rank_and_world(rank, world_size)
+    rank, world_size = placement(rank, world_size)
     sampler = None
     if not isinstance(dataset, IterableDataset):
         sampler = ResumableDistributedSampler(

@@ -42,6 +42,8 @@ import torch
 import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
 
+from fvq.distributed import is_distributed
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "BadFilePolicy",
@@ -328,7 +330,7 @@ class BadFilePolicy:
     def reduce(self) -> BadFileStats:
         """Counts summed over all ranks (all-reduce when torch.distributed is initialised, else local)."""
         totals = self._counts.sum(dim=0)
-        if dist.is_available() and dist.is_initialized():
+        if is_distributed():
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
             totals = totals.to(device)
             dist.all_reduce(totals)

@@ -38,7 +38,6 @@ from zlib import error as ZlibError  # corrupt gzip-compressed shards raise zlib
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from fvq.data.folder import ImageTransform, scan_images
@@ -53,6 +52,7 @@ from fvq.data.images import (
     make_sample,
 )
 from fvq.data.transforms import sample_rng, to_tensor
+from fvq.distributed import placement
 
 __all__ = [
     "ShardDataset",
@@ -220,18 +220,6 @@ def _label_of(files: dict[str, bytes]) -> int | None:
     return None
 
 
-def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is not None or world_size is not None:
-        if rank is None or world_size is None:
-            raise ValueError(f"give both rank and world_size or neither, got rank={rank}, world_size={world_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        return rank, world_size
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class ShardDataset(IterableDataset):
     """Images streamed from tar shards, split across ranks and DataLoader workers, shuffled with a buffer.
 
@@ -283,7 +271,7 @@ class ShardDataset(IterableDataset):
         self.samples_per_epoch = samples_per_epoch
         self.alpha: AlphaPolicy = alpha
         self._rank, self._world_size = rank, world_size
-        _rank_and_world(rank, world_size)  # validate now
+        placement(rank, world_size)  # validate now
         self.bad_files = BadFilePolicy(max_bad_fraction=max_bad_fraction)
         self.bad_files.description = f"{len(self.shards)} shards ({self.shards[0]} ...)"
         self._epoch = SharedEpoch()
@@ -309,7 +297,7 @@ class ShardDataset(IterableDataset):
 
     def _reader(self) -> tuple[int, int, int, int]:
         """(rank, world_size, worker id, number of workers)."""
-        rank, world = _rank_and_world(self._rank, self._world_size)
+        rank, world = placement(self._rank, self._world_size)
         info = get_worker_info()
         return rank, world, (info.id if info else 0), (info.num_workers if info else 1)
 
@@ -325,7 +313,7 @@ class ShardDataset(IterableDataset):
         """Samples per rank per epoch; defined only when ``samples_per_epoch`` is set."""
         if self.samples_per_epoch is None:
             raise TypeError("ShardDataset has no length without samples_per_epoch (an epoch is one pass)")
-        _, world = _rank_and_world(self._rank, self._world_size)
+        _, world = placement(self._rank, self._world_size)
         return self.samples_per_epoch // world
 
     def _raw_stream(self, epoch: int) -> Iterator[TarSample]:

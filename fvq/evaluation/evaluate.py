@@ -37,7 +37,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
@@ -45,6 +44,7 @@ from tqdm.auto import tqdm
 from fvq.data.images import batch_images
 from fvq.data.transforms import EVAL_CROPS as PROTOCOLS
 from fvq.data.transforms import EvalProtocol as Protocol
+from fvq.distributed import all_reduce_sum_, placement
 from fvq.evaluation.fid import FeatureStats, frechet_distance
 from fvq.evaluation.inception import FIDInception, load_inception
 from fvq.evaluation.metrics import psnr, quantize_8bit, ssim, ssim_dr2, to_unit_range
@@ -443,8 +443,7 @@ class ReconstructionEvaluator:
             ``(metrics, notes)``: metric name -> value (``num_images`` included), metric name -> definition.
         """
         sums = self._sums.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        all_reduce_sum_(sums)
         n = float(sums[-1])
         if n == 0:
             raise ValueError("no image was evaluated (empty dataset or shard)")
@@ -631,12 +630,6 @@ def build_eval_dataset(
     return EvalData(dataset, protocol, PROTOCOLS[protocol], f"{kind} {where} ({size})", int(config["image_size"]))
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class _Take(IterableDataset):
     """The first ``n`` items of an iterable dataset (this rank's stream)."""
 
@@ -657,7 +650,7 @@ def _shard(dataset: Dataset, num_images: int | None) -> tuple[Dataset, int | Non
     Iterable (tar shards): the dataset splits its stream across ranks itself; ``num_images`` is cut into per-rank
     shares (``num_images // W``, one more for the first ``num_images % W`` ranks).
     """
-    rank, world = _rank_world()
+    rank, world = placement()
     if isinstance(dataset, IterableDataset):
         if num_images is None:
             return dataset, None, None
@@ -792,7 +785,7 @@ def evaluate(
     if psnr_channel not in ("rgb", "y"):
         raise ValueError(f"psnr_channel must be 'rgb' or 'y', got {psnr_channel!r}")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world = _rank_world()
+    rank, world = placement()
 
     data_info = build_eval_dataset(data, protocol=protocol, image_size=image_size, num_images=num_images)
     shard, local_count, total = _shard(data_info.dataset, num_images)

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from fvq.distributed import all_reduce_sum_, is_distributed, is_main_process
 from fvq.weights import cache_dir
 
 
@@ -147,12 +147,11 @@ class FeatureStats:
 
     def all_reduce(self) -> FeatureStats:
         """Sum the moments over all ranks in place when ``torch.distributed`` is initialised (returns self)."""
-        if dist.is_available() and dist.is_initialized():
+        if is_distributed():
             count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)
-            dist.all_reduce(self.sum, op=dist.ReduceOp.SUM)
-            dist.all_reduce(self.outer, op=dist.ReduceOp.SUM)
-            dist.all_reduce(count, op=dist.ReduceOp.SUM)
-            self.count = int(count.item())
+            all_reduce_sum_(self.sum)
+            all_reduce_sum_(self.outer)
+            self.count = int(all_reduce_sum_(count).item())
         return self
 
     def mean(self) -> Tensor:
@@ -256,7 +255,6 @@ def cached_reference_stats(
     if not isinstance(stats, FeatureStats):
         raise TypeError(f"compute() must return FeatureStats, got {type(stats).__name__}")
     stats.metadata.update({"protocol": protocol, "name": name, "description": json.dumps(description or {})})
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    if rank == 0:
+    if is_main_process():
         stats.save(path)
     return stats

@@ -21,8 +21,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from fvq.distributed import all_reduce_sum_
 
 ValueRange = tuple[float, float]
 
@@ -377,8 +378,7 @@ class ReconstructionMetrics:
     def compute(self) -> dict[str, float]:
         """Means over everything seen (all ranks); ``lpips`` only when LPIPS values were passed."""
         state = self._state.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(state, op=dist.ReduceOp.SUM)
+        all_reduce_sum_(state)
         n, n_lpips = float(state[5]), float(state[6])
         if n == 0:
             raise ValueError("ReconstructionMetrics.compute() called before any update()")

@@ -779,7 +779,7 @@ class GPT(nn.Module):
         """
         from safetensors.torch import save as safetensors_save
 
-        from fvq import __version__
+        from fvq.version import __version__
         from fvq.weights import atomic_write_bytes
 
         directory = Path(directory)

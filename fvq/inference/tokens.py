@@ -121,7 +121,7 @@ def save_tokens(path: str | os.PathLike, tokens: TokenFile) -> Path:
     """
     from safetensors.torch import save as safetensors_save
 
-    from fvq import __version__
+    from fvq.version import __version__
 
     if not isinstance(tokens, TokenFile):
         raise TypeError(f"tokens must be a TokenFile, got {type(tokens).__name__}")

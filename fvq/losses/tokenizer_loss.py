@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fvq.losses import adversarial as adv
-from fvq.models.discriminator import PatchGANDiscriminator
+from fvq.losses.discriminator import PatchGANDiscriminator
 from fvq.quantizers.base import QuantizerOutput
 
 __all__ = ["DiscriminatorLossOutput", "GeneratorLossOutput", "TokenizerLoss"]
@@ -77,7 +77,7 @@ class TokenizerLoss(nn.Module):
         gan_loss: ``"hinge"`` (reference), ``"non_saturating"`` (also spelled ``"non-saturating"``) or ``"vanilla"``.
         adaptive_weight: Scale the GAN loss by VQGAN's adaptive weight (needs ``last_layer``; off in the reference).
         quantizer_weight: Weight of the quantizer's own (already weighted) loss.
-        discriminator: Keyword arguments of :class:`~fvq.models.discriminator.PatchGANDiscriminator`
+        discriminator: Keyword arguments of :class:`~fvq.losses.discriminator.PatchGANDiscriminator`
             (``base_channels``, ``num_layers``, ``norm``, ...), or a ready discriminator module mapping
             ``(B, 3, H, W)`` images to logits.
         perceptual: A ready perceptual module ``(input, target) -> (B,)`` used instead of building LPIPS.

@@ -314,7 +314,7 @@ class Tokenizer(nn.Module):
         """
         from safetensors.torch import save as safetensors_save
 
-        from fvq import __version__
+        from fvq.version import __version__
         from fvq.weights import atomic_write_bytes
 
         if self.config is None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fvq.models.discriminator import PatchGANDiscriminator
+from fvq.losses.discriminator import PatchGANDiscriminator
 
 
 def test_reference_layout_and_parameter_count() -> None:
