@@ -607,7 +607,11 @@ def _check_image_array(reader: NpzArrayReader, what: str) -> None:
 
 
 class _ImageFiles(Dataset):
-    """Image files decoded to ``(3, H, W)`` uint8 tensors, optionally ADM-centre-cropped to ``crop`` x ``crop``."""
+    """Image files decoded to ``(3, H, W)`` uint8 tensors, optionally ADM-centre-cropped to ``crop`` x ``crop``.
+
+    A file that cannot be decoded yields its error message instead of a tensor, so that the main process raises it
+    with the file's name (an exception raised in a loader worker arrives wrapped in the worker's traceback).
+    """
 
     def __init__(self, files: list[str], crop: int | None = None) -> None:
         self.files, self.crop = files, crop
@@ -615,29 +619,42 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[int, Tensor]:
-        image = decode_image(self.files[index]).image
+    def __getitem__(self, index: int) -> Tensor | str:
+        try:
+            image = decode_image(self.files[index]).image
+        except ValueError as err:
+            return str(err)
         if self.crop is not None:
             image = center_crop_llamagen(image, self.crop)
         array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
-        return index, torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W)
 
 
-class _SameSizeCollate:
-    """Stacks a batch, refusing images whose size differs from the set's (named by file)."""
+def _as_list(items: list[Tensor | str]) -> list[Tensor | str]:
+    return items
 
-    def __init__(self, files: list[str], size: tuple[int, int], first: str) -> None:
-        self.files, self.size, self.first = files, size, first
 
-    def __call__(self, items: list[tuple[int, Tensor]]) -> Tensor:
-        for index, image in items:
-            if tuple(image.shape[1:]) != self.size:
-                h, w = image.shape[1:]
+def _image_batches(
+    files: list[str], size: tuple[int, int], *, crop: int | None, batch_size: int, num_workers: int
+) -> Iterator[Tensor]:
+    """``(B, 3, H, W)`` uint8 batches of ``files`` in order; a file that cannot be decoded or whose size is not
+    ``size`` stops the iteration with a ``ValueError`` naming it."""
+    loader = DataLoader(
+        _ImageFiles(files, crop=crop), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list
+    )
+    done = 0
+    for items in loader:
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                raise ValueError(item)
+            if tuple(item.shape[1:]) != size:
+                h, w = item.shape[1:]
                 raise ValueError(
-                    f"{self.files[index]} is {h}x{w} but the samples are {self.size[0]}x{self.size[1]} (like "
-                    f"{self.first}); every sample of a set must have one size"
+                    f"{files[done + i]} is {h}x{w} but the samples are {size[0]}x{size[1]} (like {files[0]}); every "
+                    "sample of a set must have one size"
                 )
-        return torch.stack([image for _, image in items])  # (B, 3, H, W)
+        done += len(items)
+        yield torch.stack(items)  # (B, 3, H, W)
 
 
 @dataclass
@@ -685,14 +702,9 @@ class SampleSet:
                     array = reader.read(b0, min(b0 + batch_size, stop))  # (B, H, W, 3)
                     yield torch.from_numpy(array).permute(0, 3, 1, 2)  # (B, 3, H, W)
             return
-        files = self.files[start:stop]
-        loader = DataLoader(
-            _ImageFiles(files),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=_SameSizeCollate(files, self.image_size, self.files[0]),
+        yield from _image_batches(
+            self.files[start:stop], self.image_size, crop=None, batch_size=batch_size, num_workers=num_workers
         )
-        yield from loader
 
     def content_key(self, cache_root: Path | None = None) -> str:
         """A key that changes when the images may have: the file's sha256 (``.npz``), or the sorted listing with
@@ -1682,12 +1694,7 @@ def make_reference_batch(
         out.parent.mkdir(parents=True, exist_ok=True)
         # 1. rank 0 crops every image and streams it into arr_0
         if distributed.is_main_process():
-            loader = DataLoader(
-                _ImageFiles(files, crop=s),
-                batch_size=batch_size,
-                num_workers=num_workers,
-                collate_fn=_SameSizeCollate(files, (s, s), files[0]),
-            )
+            loader = _image_batches(files, (s, s), crop=s, batch_size=batch_size, num_workers=num_workers)
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 with zf.open("arr_0.npy", "w", force_zip64=True) as f:
                     _write_npz_header(f, (n, s, s, 3), np.dtype(np.uint8))

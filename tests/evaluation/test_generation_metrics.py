@@ -307,8 +307,11 @@ def test_open_samples_folder_sorted_and_checked(tmp_path):
     got = torch.cat(list(s.batches(0, 5, batch_size=2))).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(got, images)  # sorted paths: 000..003.png, then sub/004.png
     Image.fromarray(_images(1, size=13)[0]).save(folder / "002.png")
-    with pytest.raises(ValueError, match=r"002\.png is 13x13 but the samples are 12x12"):
-        list(open_samples(folder).batches(0, 5, batch_size=5))
+    with pytest.raises(ValueError, match=r"^\S*002\.png is 13x13 but the samples are 12x12"):
+        list(open_samples(folder).batches(0, 5, batch_size=5, num_workers=1))  # raised here, named, not wrapped
+    (folder / "003.png").write_bytes(b"broken")
+    with pytest.raises(ValueError, match=r"^\S*003\.png: not a recognised image"):
+        list(open_samples(folder).batches(3, 5, batch_size=5, num_workers=1))
 
 
 @pytest.mark.parametrize(
