@@ -253,6 +253,8 @@ def frechet_to_gaussian(features: Tensor, mu: Tensor | np.ndarray, sigma: Tensor
     """
     mu_t = torch.as_tensor(np.asarray(mu) if not isinstance(mu, Tensor) else mu).to(torch.float64).cpu()
     sigma_t = torch.as_tensor(np.asarray(sigma) if not isinstance(sigma, Tensor) else sigma).to(torch.float64).cpu()
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"need (N, D) features with N >= 2 for a covariance, got {tuple(features.shape)}")
     n, d = features.shape
     _check_gaussian(mu_t, sigma_t, d, "reference statistics")
     if n > d:

@@ -22,11 +22,13 @@ graph (its ``FIDInceptionA/C/E`` blocks):
   does;
 * batch norms use eps = 0.001 and their stored statistics.
 
-Logits follow the ADM evaluator: ``pool_3 @ W`` with ``W`` the graph's ``softmax/logits`` weight and without its
-bias (ADM reads the ``softmax/logits/MatMul`` op; torch-fidelity's ``logits_unbiased`` is the same), so
+Logits follow the ADM evaluator: ``pool_3 @ W`` with ``W`` the graph's ``softmax/weights`` and without its
+``softmax/biases`` (ADM takes the weight input of the ``softmax/logits/MatMul`` op; torch-fidelity's
+``logits_unbiased`` is the same). The state dict stores ``W`` transposed as ``fc.weight``, so
 :attr:`ClassifierOutput.logits` is ``pool @ fc.weight.T``. When the file's convolutional trunk is the FID
 Inception's (checked weight by weight with :func:`shares_trunk`), these logits are computed from the FID Inception's
-own pool features, with no second network pass.
+own pool features, with no second network pass; otherwise the classifier runs its own pass (its batch norms then
+apply the file's ``bn.weight``, as pytorch-fid's network does).
 """
 
 from __future__ import annotations
