@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encode": ("fvq.commands.encode", "images (files or folders) to a token file"),
     "decode": ("fvq.commands.decode", "a token file back to PNG images"),
     "reconstruct": ("fvq.commands.reconstruct", "encode and decode images, with a side-by-side grid"),
+    "sample": ("fvq.commands.sample", "class-conditional samples from a generator, decoded by its tokenizer"),
     "report": ("fvq.commands.report", "render a self-contained HTML report of a training run"),
 }
 
