@@ -20,13 +20,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+
+from fvq.weights import atomic_path, atomic_write_bytes
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 CONFIG_FILE = "config.yaml"
@@ -113,8 +114,6 @@ class RunFolder:
 
     def write_config(self, config: dict[str, Any]) -> None:
         """Write ``config.yaml`` (rank 0 only)."""
-        from fvq.weights import atomic_write_bytes
-
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.config_file, yaml.safe_dump(config, sort_keys=False).encode())
 
@@ -146,15 +145,8 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:08d}.pt"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".step_", suffix=".pt.tmp")
-    os.close(fd)
-    try:
+    with atomic_path(final) as tmp:
         torch.save(state, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return final

@@ -51,26 +51,17 @@ def verify_sha256(path: str | os.PathLike, expected: str, what: str = "weight fi
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode a plain open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path in ``path``'s folder for a writer that needs a file name (a compiler's ``-o``, ``torch.save``).
 
-    The temporary file is renamed to ``path`` when the block exits normally and removed when it raises, so ``path`` is
-    never seen half-written. For bytes already in memory, :func:`atomic_write_bytes` is shorter.
+    The temporary file is renamed to ``path`` when the block exits normally (with the mode a plain ``open()`` would
+    give it) and removed when it raises, so ``path`` is never seen half-written. The project's one atomic write:
+    :func:`atomic_write_bytes` is it for bytes already in memory.
 
     Example::
 
@@ -83,6 +74,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

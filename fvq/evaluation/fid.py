@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fvq.distributed import all_reduce_sum_, is_distributed, is_main_process
-from fvq.weights import cache_dir
+from fvq.weights import atomic_path, cache_dir
 
 
 def _as_float64(x: Tensor | np.ndarray, name: str) -> Tensor:
@@ -173,9 +173,8 @@ class FeatureStats:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {**self.metadata, **(metadata or {}), "count": str(self.count), "dim": str(self.dim)}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"sum": self.sum.cpu().contiguous(), "outer": self.outer.cpu().contiguous()}, str(tmp), meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"sum": self.sum.cpu().contiguous(), "outer": self.outer.cpu().contiguous()}, str(tmp), meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> FeatureStats:
