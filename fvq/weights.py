@@ -100,3 +100,56 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str, what: str = "w
         raise ValueError(f"{what} downloaded from {url} has SHA-256 {digest}, expected {sha256}; not saved")
     atomic_write_bytes(dest, data)
     return dest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoints of other projects (LlamaGen, the FVQ release)
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_foreign_checkpoint(path: str | os.PathLike) -> dict:
+    """Read another project's ``.pt`` checkpoint with ``torch.load(weights_only=True)``: no code is unpickled.
+
+    Tensors, containers and ``argparse.Namespace`` (LlamaGen's training arguments) are allowed.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: The file holds other objects, or is not a dict; the message says how to re-save it.
+    """
+    import argparse
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    try:
+        if safe_globals is None:  # torch < 2.5: Namespace-holding checkpoints cannot be read safely
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            with safe_globals([argparse.Namespace]):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle errors name the offending class; keep that detail
+        raise ValueError(
+            f"could not read {path} with torch.load(weights_only=True): {error}. fvq reads tensors, containers and "
+            f"argparse.Namespace only; re-save the state dict alone (torch.save(ckpt['model'], ...)) if the file "
+            f"holds other objects"
+        ) from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}; expected a dict (a checkpoint or state dict)")
+    return checkpoint
+
+
+def strip_wrapper_prefixes(state: dict) -> dict:
+    """The state dict with the ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) prefixes removed."""
+    out = {}
+    for key, value in state.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
+        out[key] = value
+    return out

@@ -22,7 +22,6 @@ VQ-16 models, ``(24, 24)`` for 384 px).
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -33,9 +32,9 @@ import torch
 from torch import Tensor
 
 from fvq.generation.gpt import GPT, PRESETS, GPTConfig, preset_name, rope_table
+from fvq.weights import read_foreign_checkpoint, strip_wrapper_prefixes
 
 _STATE_DICT_KEYS = ("model", "ema", "module", "state_dict")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _LAYER_NAMES = {
     "attention.wqkv.weight": "attention.qkv.weight",
@@ -55,19 +54,6 @@ _TOP_NAMES = {
 _ROPE_KEY = "freqs_cis"
 
 
-def _strip_wrappers(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    out = {}
-    for key, value in state.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix) :], True
-        out[key] = value
-    return out
-
-
 def load_llamagen_gpt_state_dict(path: str | os.PathLike, state_dict_key: str | None = None) -> dict[str, Tensor]:
     """Read the GPT state dict of a LlamaGen checkpoint with ``torch.load(weights_only=True)``.
 
@@ -79,23 +65,7 @@ def load_llamagen_gpt_state_dict(path: str | os.PathLike, state_dict_key: str | 
     Returns:
         The state dict without ``module.`` / ``_orig_mod.`` prefixes.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    safe_globals = getattr(torch.serialization, "safe_globals", None)
-    try:
-        if safe_globals is None:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        else:  # LlamaGen training checkpoints also hold an argparse.Namespace of arguments
-            with safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"could not read {path} with torch.load(weights_only=True): {error}. fvq reads tensors, containers and "
-            f"argparse.Namespace only; re-save the state dict alone (torch.save(ckpt['model'], ...))"
-        ) from error
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}; expected a dict (a checkpoint or state dict)")
+    checkpoint = read_foreign_checkpoint(path)
     if state_dict_key is not None:
         if state_dict_key not in checkpoint:
             raise ValueError(f"{path} has no entry {state_dict_key!r}; it has {sorted(map(str, checkpoint))}")
@@ -112,7 +82,7 @@ def load_llamagen_gpt_state_dict(path: str | os.PathLike, state_dict_key: str | 
         state = checkpoint[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"the state dict read from {path} is not a dict of tensors")
-    return _strip_wrappers(state)
+    return strip_wrapper_prefixes(state)
 
 
 def _require(state: dict[str, Tensor], key: str) -> Tensor:
@@ -256,7 +226,7 @@ def gpt_from_llamagen_state_dict(
 
     Arguments as :func:`llamagen_gpt_config`.
     """
-    state = _strip_wrappers(state)
+    state = strip_wrapper_prefixes(state)
     config = llamagen_gpt_config(state, grid=grid, n_head=n_head, class_dropout_prob=class_dropout_prob, **overrides)
     converted = convert_llamagen_gpt_state_dict(state, config)
     with torch.device("meta"):

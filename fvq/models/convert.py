@@ -23,44 +23,21 @@ and other LlamaGen-layout sizes all import; the matching preset name is recorded
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from fvq.models.presets import preset_name, resolve_model_config
 from fvq.models.tokenizer import Tokenizer
+from fvq.weights import read_foreign_checkpoint, strip_wrapper_prefixes
 
 SOURCES = ("auto", "llamagen", "fvq")
 _STATE_DICT_KEYS = ("ema", "model", "state_dict")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _QUANTIZER_KEYS = {"quantize.embedding.weight", "quantize.codebook_used"}
 _TOP_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
-
-
-def _torch_load(path: Path) -> Any:
-    safe_globals = getattr(torch.serialization, "safe_globals", None)
-    if safe_globals is None:  # torch < 2.5: Namespace-holding checkpoints cannot be read safely
-        return torch.load(path, map_location="cpu", weights_only=True)
-    with safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _strip_wrappers(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        out[key] = value
-    return out
 
 
 def load_llamagen_state_dict(
@@ -78,18 +55,7 @@ def load_llamagen_state_dict(
         (``None`` for a bare state dict) and the checkpoint's ``"args"`` entry (or ``None``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        checkpoint = _torch_load(path)
-    except Exception as error:  # pickle errors name the offending class; keep that detail
-        raise ValueError(
-            f"could not read {path} with torch.load(weights_only=True): {error}. fvq reads tensors, containers and "
-            f"argparse.Namespace only; re-save the state dict alone (torch.save(ckpt['model'], ...)) if the file "
-            f"holds other objects"
-        ) from error
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}; expected a dict (a checkpoint or state dict)")
+    checkpoint = read_foreign_checkpoint(path)
     args = checkpoint.get("args")
     if state_dict_key is not None:
         if state_dict_key not in checkpoint:
@@ -107,7 +73,7 @@ def load_llamagen_state_dict(
         state = checkpoint[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"entry {key!r} of {path} is not a state dict of tensors")
-    return _strip_wrappers(state), key, args
+    return strip_wrapper_prefixes(state), key, args
 
 
 def _shape(state: dict[str, Tensor], key: str) -> tuple[int, ...]:
