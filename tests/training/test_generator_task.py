@@ -251,3 +251,17 @@ def test_resume_refuses_tokens_of_another_tokenizer(tmp_path, monkeypatch, capsy
     random_store(val, 12, seed=1, codebook_size=64)
     assert main(["train", "gpt_tiny_c2i", "--out", run, "--resume", *tiny_overrides(train, val)]) == 2
     assert "other token data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_host_reads_per_step(tmp_path, stores, accum):
+    """The engine's one read of the finiteness flags, plus the GPT's own range check of each micro-batch's ids."""
+    from fvq.training.host_syncs import count_host_syncs
+
+    engine, _ = make_engine(tmp_path, *stores, f"grad_accum_steps={accum}", "ema=0.9")
+    batches = engine.micro_batches()
+    engine.train_step(next(batches), 0)
+    micro = next(batches)
+    with count_host_syncs() as reads:
+        engine.train_step(micro, 1)
+    assert dict(reads) == {"tolist": 1, "__bool__": accum}
