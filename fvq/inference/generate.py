@@ -602,12 +602,17 @@ def _valid_png(path: Path, size: tuple[int, int]) -> bool:
         return False
 
 
+def _zip_entry(name: str) -> zipfile.ZipInfo:
+    # a fixed time stamp: the same samples give the same bytes (zipfile would stamp the current time)
+    return zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+
+
 def pack_npz(
     path: str | os.PathLike, files: Sequence[str | os.PathLike], labels: np.ndarray, size: tuple[int, int]
 ) -> Path:
     """Write an ADM-layout ``.npz`` (``arr_0`` uint8 ``N x H x W x 3``, ``labels`` int64 ``(N,)``) from image files,
     one image in memory at a time; stored uncompressed (as ``np.savez``), so readers can memory-map it. Written
-    atomically.
+    atomically; the same images and labels always give the same bytes.
 
     Args:
         path: The ``.npz`` to write.
@@ -626,7 +631,7 @@ def pack_npz(
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
     path = Path(path)
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-        with archive.open("arr_0.npy", "w", force_zip64=True) as f:
+        with archive.open(_zip_entry("arr_0.npy"), "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, {**header, "shape": (len(files), h, w, 3)})
             for file in files:
                 with Image.open(file) as image:
@@ -634,7 +639,7 @@ def pack_npz(
                 if array.shape != (h, w, 3):
                     raise ValueError(f"{file} is {array.shape[0]}x{array.shape[1]}, expected {h}x{w}")
                 f.write(array.tobytes())
-        with archive.open("labels.npy", "w") as f:
+        with archive.open(_zip_entry("labels.npy"), "w") as f:
             np.lib.format.write_array(f, labels)
     return path
 
