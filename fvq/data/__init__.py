@@ -1,6 +1,7 @@
-"""Data for tokenizer training and evaluation: an embedded default set, image folders, tar shards, transforms.
+"""Data for tokenizer training and evaluation: an embedded default set, image folders, tar shards, transforms; and
+token stores for training the generator (:class:`TokenDataset`, items :class:`TokenSample`).
 
-Every dataset yields :class:`ImageSample` ``(image, label)`` with ``image`` a float32 tensor (3, S, S) in [-1, 1]
+Every image dataset yields :class:`ImageSample` ``(image, label)`` with ``image`` a float32 tensor (3, S, S) in [-1, 1]
 and ``label`` an int64 scalar (-1 when there are no labels). Build them from a plain config dict with
 :func:`build_dataset` and wrap them with :func:`build_loader`. See docs/data.md.
 """
@@ -28,6 +29,7 @@ from fvq.data.images import (
     to_rgb,
 )
 from fvq.data.shards import ShardDataset, ShardWriter, expand_urls, iter_tar_samples, write_shards_from_folder
+from fvq.data.tokens import TokenDataset, TokenSample, TokenStore, ViewCrops, ViewSpec
 from fvq.data.transforms import (
     CropParams,
     EvalCrop,
@@ -60,7 +62,12 @@ __all__ = [
     "ResumableDistributedSampler",
     "ShardDataset",
     "ShardWriter",
+    "TokenDataset",
+    "TokenSample",
+    "TokenStore",
     "TooManyBadFilesError",
+    "ViewCrops",
+    "ViewSpec",
     "bad_file_stats",
     "build_dataset",
     "build_loader",

@@ -4,9 +4,11 @@
   a training run folder (its newest checkpoint) or one training checkpoint; :func:`model_identity` names a model by
   its inference form, so tokens encoded with a run decode with its export.
 * :mod:`~fvq.inference.tokens`: the token file (:class:`TokenFile`, :func:`save_tokens`, :func:`load_tokens`) and
-  :func:`check_tokens`.
+  :func:`check_tokens`; token stores for the generator are written by :func:`encode_store` and read by
+  :class:`fvq.data.tokens.TokenDataset`.
 * :mod:`~fvq.inference.export`: :func:`export_model` (projector folded into the codebook) and :func:`verify_export`.
-* :mod:`~fvq.inference.pipeline`: images -> tokens (:func:`encode_images`, :func:`iter_encoded`), tokens -> images
+* :mod:`~fvq.inference.pipeline`: images -> tokens (:func:`encode_images`, :func:`iter_encoded`; with views and
+  labels into a sharded store: :func:`encode_store`, :func:`iter_encoded_views`), tokens -> images
   (:func:`decode_tokens`, :func:`iter_decoded`, :func:`write_images`), both at once (:func:`reconstruct_images`).
 """
 
@@ -27,16 +29,22 @@ from fvq.inference.loading import (
     weights_digest,
 )
 from fvq.inference.pipeline import (
+    DEFAULT_SHARD_SIZE,
     EncodedBatch,
+    EncodedViews,
     ImageSource,
     OutputsExistError,
     ReconstructionReport,
+    StoreReport,
     collect_images,
     decode_tokens,
     encode_images,
+    encode_store,
     existing_outputs,
     iter_decoded,
     iter_encoded,
+    iter_encoded_views,
+    labelled_images,
     output_names,
     reconstruct_images,
     write_images,
@@ -44,6 +52,7 @@ from fvq.inference.pipeline import (
 from fvq.inference.tokens import (
     TOKEN_FORMAT,
     TOKEN_FORMAT_VERSION,
+    TOKEN_STORE_VERSION,
     ForeignTokensError,
     TokenFile,
     check_tokens,
@@ -52,9 +61,12 @@ from fvq.inference.tokens import (
 )
 
 __all__ = [
+    "DEFAULT_SHARD_SIZE",
     "TOKEN_FORMAT",
     "TOKEN_FORMAT_VERSION",
+    "TOKEN_STORE_VERSION",
     "EncodedBatch",
+    "EncodedViews",
     "ExportReport",
     "ExportVerificationError",
     "ForeignTokensError",
@@ -63,6 +75,7 @@ __all__ = [
     "OutputFolderNotEmptyError",
     "OutputsExistError",
     "ReconstructionReport",
+    "StoreReport",
     "TokenFile",
     "check_tokens",
     "collect_images",
@@ -70,10 +83,13 @@ __all__ = [
     "decode_tokens",
     "describe_bytes",
     "encode_images",
+    "encode_store",
     "existing_outputs",
     "export_model",
     "iter_decoded",
     "iter_encoded",
+    "iter_encoded_views",
+    "labelled_images",
     "load_model",
     "load_tokens",
     "model_identity",

@@ -2,26 +2,45 @@
 
 Inputs are image files and folders (:func:`collect_images`); each image is decoded to RGB, centre-cropped by an
 evaluation protocol (:class:`fvq.data.transforms.EvalCrop`) and encoded in batches (:func:`iter_encoded`,
-:func:`encode_images`). Token files decode back to images (:func:`iter_decoded`, :func:`decode_tokens`) written as
-8-bit PNGs named after their sources (:func:`output_names`, :func:`write_images`); :func:`reconstruct_images` does
-both in one pass.
+:func:`encode_images`), or cut into several views (:class:`fvq.data.tokens.ViewCrops`: flips, LlamaGen's ten-crop)
+that are encoded together (:func:`iter_encoded_views`) into a sharded token store for training the generator
+(:func:`encode_store`, one or many processes). Token files decode back to images (:func:`iter_decoded`,
+:func:`decode_tokens`) written as 8-bit PNGs named after their sources (:func:`output_names`, :func:`write_images`);
+:func:`reconstruct_images` does both in one pass.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from fvq.data.images import AlphaPolicy, BadFilePolicy, BadImageError, decode_image
-from fvq.data.transforms import EVAL_CROPS, EvalCrop, to_pil, to_tensor
+from fvq.data.tokens import (
+    META_NAME,
+    ViewCrops,
+    ViewSpec,
+    complete_shard,
+    shard_files,
+    storage_dtype,
+    store_files,
+    write_meta,
+    write_shard,
+)
+from fvq.data.transforms import EVAL_CROPS, to_pil, to_tensor
+from fvq.distributed import any_rank, barrier, placement
 from fvq.evaluation.metrics import psnr
 from fvq.inference.loading import LoadedModel
 from fvq.inference.tokens import TokenFile, check_tokens, save_tokens
@@ -30,22 +49,33 @@ from fvq.visualize import save_reconstruction_grid
 from fvq.weights import atomic_write_bytes
 
 __all__ = [
+    "DEFAULT_SHARD_SIZE",
     "EncodedBatch",
+    "EncodedViews",
     "ImageSource",
     "OutputsExistError",
     "ReconstructionReport",
+    "StoreReport",
     "collect_images",
     "decode_tokens",
     "encode_images",
+    "encode_store",
     "existing_outputs",
     "iter_decoded",
     "iter_encoded",
+    "iter_encoded_views",
+    "labelled_images",
     "output_names",
     "reconstruct_images",
     "write_images",
 ]
 
+logger = logging.getLogger(__name__)
+
 GRID_NAME = "reconstruction_grid.png"
+DEFAULT_SHARD_SIZE = 10_000
+"""Input files per shard of a token store (ImageNet's 1,281,167 images make 129 shards)."""
+LabelSource = Literal["none", "subfolders"]
 
 
 class OutputsExistError(ValueError):
@@ -89,10 +119,31 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[ImageSource]:
     return found
 
 
-class _CroppedImages(Dataset):
-    """Decode + evaluation crop, returning ``(position, image (3, S, S) or None, converted, error or None)``."""
+def labelled_images(folder: str | os.PathLike) -> tuple[list[ImageSource], list[int], list[str]]:
+    """The images of an ImageNet-style folder (one subfolder per class) with their class ids, as torchvision's
+    ``ImageFolder`` numbers them: the sorted subfolder names are classes ``0 .. C-1`` (hidden folders skipped, files
+    directly in ``folder`` ignored with a warning; :func:`fvq.data.folder.scan_images`).
 
-    def __init__(self, sources: Sequence[ImageSource], crop: EvalCrop, alpha: AlphaPolicy) -> None:
+    Returns:
+        ``(sources, labels, class_names)``: one :class:`ImageSource` (named relative to ``folder``) and one class id
+        per image, class by class and sorted within each class; the sorted class names.
+    """
+    from fvq.data.folder import scan_images
+
+    root = os.fspath(folder)
+    if not os.path.isdir(root):
+        raise ValueError(f"labels from subfolders need one folder of class subfolders as input, got {root!r}")
+    paths, labels, classes = scan_images(root, labels=True)
+    names = [PurePosixPath(*Path(os.path.relpath(p, root)).parts).as_posix() for p in paths]
+    return [ImageSource(p, n) for p, n in zip(paths, names)], labels, classes
+
+
+class _CroppedImages(Dataset):
+    """Decode + crops, returning ``(position, views (V, 3, S, S) or None, converted, error or None)``."""
+
+    def __init__(
+        self, sources: Sequence[ImageSource], crop: Callable[[Image.Image], list[Image.Image]], alpha: AlphaPolicy
+    ) -> None:
         self.sources, self.crop, self.alpha = list(sources), crop, alpha
 
     def __len__(self) -> int:
@@ -103,7 +154,8 @@ class _CroppedImages(Dataset):
             decoded = decode_image(self.sources[position].path, alpha=self.alpha)
         except BadImageError as error:
             return position, None, False, str(error)
-        return position, to_tensor(self.crop(decoded.image)), decoded.converted, None  # (3, S, S)
+        views = torch.stack([to_tensor(view) for view in self.crop(decoded.image)])  # (V, 3, S, S)
+        return position, views, decoded.converted, None
 
 
 @dataclass
@@ -125,6 +177,25 @@ class EncodedBatch:
     skipped: list[str] = field(default_factory=list)
 
 
+@dataclass
+class EncodedViews:
+    """One batch from :func:`iter_encoded_views`.
+
+    Attributes:
+        names: Source names of the images, in order.
+        images: The views, ``(B, V, 3, S, S)`` in [-1, 1], on the CPU.
+        indices: int64 ``(B, V, h, w)`` (or ``(B, V, h, w, c)``), on the CPU.
+        positions: Positions of the images in the ``sources`` sequence given.
+        skipped: Source names of the unreadable files left out of this batch.
+    """
+
+    names: list[str]
+    images: Tensor
+    indices: Tensor
+    positions: list[int] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
 def _check_protocol(protocol: str) -> str:
     if protocol not in EVAL_CROPS:
         raise ValueError(f"protocol must be one of {tuple(EVAL_CROPS)}, got {protocol!r}")
@@ -135,6 +206,101 @@ def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+
+
+def _check_loader_arguments(batch_size: int, num_workers: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+
+
+def _encode_batches(
+    tokenizer: Tokenizer,
+    sources: Sequence[ImageSource],
+    crops: ViewCrops,
+    batches: Sequence[Sequence[int]],
+    *,
+    num_workers: int,
+    alpha: AlphaPolicy,
+    bad_files: BadFilePolicy,
+    bar: Any,
+) -> Iterator[EncodedViews]:
+    """Decode, cut and encode the images at the given positions, one batch per list of ``batches``, in order."""
+    size, views = crops.image_size, crops.spec.count
+    h, w = tokenizer.latent_shape(size, size)
+    codes = int(getattr(tokenizer.quantizer, "codes_per_position", 1))
+    empty = torch.zeros(0, views, h, w, *([codes] if codes > 1 else []), dtype=torch.int64)
+    device = tokenizer.quant_conv.weight.device
+    loader = DataLoader(
+        _CroppedImages(sources, crops, alpha), batch_sampler=batches, num_workers=num_workers, collate_fn=list
+    )
+    for items in loader:
+        names, images, positions, skipped = [], [], [], []
+        for position, image, converted, error in items:
+            if image is None:
+                bad_files.record_bad(sources[position].path, error or "unreadable")
+                skipped.append(sources[position].name)
+                continue
+            bad_files.record_ok(converted=converted)
+            names.append(sources[position].name)
+            positions.append(position)
+            images.append(image)
+        bar.update(len(items))
+        if not images:
+            yield EncodedViews(names=[], images=torch.zeros(0, views, 3, size, size), indices=empty, skipped=skipped)
+            continue
+        batch = torch.stack(images)  # (B, V, 3, S, S)
+        with torch.inference_mode():
+            indices = tokenizer.encode(batch.flatten(0, 1).to(device))  # (B * V, h, w[, c])
+        indices = indices.cpu().unflatten(0, (len(images), views))  # (B, V, h, w[, c])
+        yield EncodedViews(names=names, images=batch, indices=indices, positions=positions, skipped=skipped)
+
+
+def _chunks(positions: Sequence[int], size: int) -> list[list[int]]:
+    return [list(positions[i : i + size]) for i in range(0, len(positions), size)]
+
+
+def iter_encoded_views(
+    tokenizer: Tokenizer,
+    sources: Sequence[ImageSource],
+    *,
+    image_size: int,
+    views: ViewSpec | str = "center",
+    protocol: str = "llamagen",
+    batch_size: int = 32,
+    num_workers: int = 0,
+    alpha: AlphaPolicy = "white",
+    bad_files: BadFilePolicy | None = None,
+    progress: bool = False,
+) -> Iterator[EncodedViews]:
+    """Decode images, cut each into its views (:class:`~fvq.data.tokens.ViewCrops`) and encode them, batch by batch.
+    Unreadable files are skipped, logged and counted.
+
+    Args:
+        tokenizer: Model in eval mode (on the device to use).
+        sources: From :func:`collect_images`.
+        image_size: Side ``S`` of each view; divisible by the model's downsampling factor.
+        views: ``"center"``, ``"flip"``, ``"tencrop"``, ``"tencrop+1.05"``... (:class:`~fvq.data.tokens.ViewSpec`).
+        protocol: Crop of the ``center`` and ``flip`` views (``"llamagen"`` or ``"fvq"``).
+        batch_size: Images per forward pass (each with its ``V`` views: ``batch_size * V`` crops).
+        num_workers: DataLoader processes decoding and cutting images.
+        alpha: Transparency rule, see :func:`fvq.data.images.to_rgb`.
+        bad_files: Counts and logs unreadable files and stops once too many are bad (default: never stops).
+        progress: Show a progress bar.
+
+    Yields:
+        :class:`EncodedViews` with views ``(B, V, 3, S, S)`` and indices ``(B, V, h, w[, c])``.
+    """
+    _check_loader_arguments(batch_size, num_workers)
+    tokenizer.latent_shape(image_size, image_size)
+    crops = ViewCrops(views, image_size, _check_protocol(protocol))
+    policy = bad_files if bad_files is not None else BadFilePolicy(max_bad_fraction=1.0, min_seen=1)
+    batches = _chunks(range(len(sources)), batch_size)
+    with _progress(len(sources), "encode", "img", progress) as bar:
+        yield from _encode_batches(
+            tokenizer, sources, crops, batches, num_workers=num_workers, alpha=alpha, bad_files=policy, bar=bar
+        )
 
 
 def iter_encoded(
@@ -167,42 +333,25 @@ def iter_encoded(
         :class:`EncodedBatch` with images ``(B, 3, S, S)`` and indices ``(B, h, w[, c])``; a batch of only bad
         files yields empty tensors and its ``skipped`` names.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    tokenizer.latent_shape(image_size, image_size)
-    crop = EvalCrop(image_size, _check_protocol(protocol))  # type: ignore[arg-type]
-    policy = bad_files if bad_files is not None else BadFilePolicy(max_bad_fraction=1.0, min_seen=1)
-    loader = DataLoader(
-        _CroppedImages(sources, crop, alpha), batch_size=batch_size, num_workers=num_workers, collate_fn=list
-    )
-    device = tokenizer.quant_conv.weight.device
-    h, w = tokenizer.latent_shape(image_size, image_size)
-    codes = int(getattr(tokenizer.quantizer, "codes_per_position", 1))
-    empty = torch.zeros(0, h, w, *([codes] if codes > 1 else []), dtype=torch.int64)
-    with _progress(len(sources), "encode", "img", progress) as bar:
-        for items in loader:
-            names, images, positions, skipped = [], [], [], []
-            for position, image, converted, error in items:
-                if image is None:
-                    policy.record_bad(sources[position].path, error or "unreadable")
-                    skipped.append(sources[position].name)
-                    continue
-                policy.record_ok(converted=converted)
-                names.append(sources[position].name)
-                positions.append(position)
-                images.append(image)
-            bar.update(len(items))
-            if not images:
-                yield EncodedBatch(
-                    names=[], images=torch.zeros(0, 3, image_size, image_size), indices=empty, skipped=skipped
-                )
-                continue
-            batch = torch.stack(images)  # (B, 3, S, S)
-            with torch.inference_mode():
-                indices = tokenizer.encode(batch.to(device))  # (B, h, w[, c])
-            yield EncodedBatch(names=names, images=batch, indices=indices.cpu(), positions=positions, skipped=skipped)
+    for batch in iter_encoded_views(
+        tokenizer,
+        sources,
+        image_size=image_size,
+        views="center",
+        protocol=protocol,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        alpha=alpha,
+        bad_files=bad_files,
+        progress=progress,
+    ):
+        yield EncodedBatch(
+            names=batch.names,
+            images=batch.images[:, 0],  # (B, 3, S, S)
+            indices=batch.indices[:, 0],  # (B, h, w[, c])
+            positions=batch.positions,
+            skipped=batch.skipped,
+        )
 
 
 def encode_images(
@@ -281,6 +430,278 @@ def encode_images(
         skipped=skipped,
         model_weights_sha256=loaded.weights_sha256,
         model_config_sha256=loaded.config_sha256,
+    )
+
+
+@dataclass
+class StoreReport:
+    """What :func:`encode_store` did.
+
+    Attributes:
+        path: The store folder.
+        meta: Its ``meta.json`` (the whole store, whichever process encoded which shard).
+        encoded: Shards this process encoded.
+        reused: Shards this process found complete and intact (``resume=True``) and kept.
+        skipped: Unreadable input files over the whole store (on rank 0; empty on the others).
+    """
+
+    path: Path
+    meta: dict[str, Any]
+    encoded: list[int]
+    reused: list[int]
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.meta["num_images"])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.meta["shards"])
+
+
+def _names_digest(sources: Sequence[ImageSource], labels: Sequence[int]) -> str:
+    digest = hashlib.sha256()
+    for source, label in zip(sources, labels):
+        digest.update(json.dumps([source.name, int(label)]).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _prepare_folder(out_dir: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:
+    """Refuse to mix with an existing store unless asked; with ``overwrite`` rank 0 removes the old store's files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a folder; a token store is a folder")
+    if resume and overwrite:
+        raise ValueError("give resume (continue an interrupted encoding) or overwrite (start again), not both")
+    existing = store_files(out_dir)
+    if existing and not (resume or overwrite):
+        finished = (out_dir / META_NAME).exists()
+        raise ValueError(
+            f"{out_dir} already holds a {'token store' if finished else 'partly encoded token store'}; pass "
+            f"--resume to {'check it and keep it' if finished else 'finish it'}, --overwrite to start again, or "
+            f"choose another folder"
+        )
+    barrier()  # every rank has looked before rank 0 changes anything
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for path in existing:
+                path.unlink(missing_ok=True)
+    barrier()
+
+
+def encode_store(
+    model: Tokenizer | LoadedModel,
+    paths: Sequence[str | os.PathLike] | Sequence[ImageSource],
+    out_dir: str | os.PathLike,
+    *,
+    image_size: int | None = None,
+    protocol: str | None = None,
+    views: ViewSpec | str = "center",
+    labels: LabelSource = "none",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    alpha: AlphaPolicy = "white",
+    max_bad_fraction: float = 1.0,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> StoreReport:
+    """Encode images into a token store (format version 2, see :mod:`fvq.data.tokens`) for training the generator.
+
+    The sorted input list is cut into shards of ``shard_size`` input files. Under ``torchrun`` (a process group set
+    up, e.g. by :func:`fvq.distributed.init_distributed`) every rank calls this and encodes a contiguous run of
+    shards; the shards are the same whatever the number of processes, since each is encoded on its own in batches
+    that never cross it. Each shard is written atomically; with ``resume`` the shards already complete, encoded with
+    the same settings and matching their SHA-256, are kept. Rank 0 writes ``meta.json`` once every shard is there.
+
+    Args:
+        model: A :class:`Tokenizer` in eval mode on the device to use, or a :class:`LoadedModel`.
+        paths: Image files and folders (:func:`collect_images`), or :class:`ImageSource` items; with
+            ``labels="subfolders"`` one folder of class subfolders.
+        out_dir: The store folder (created).
+        image_size: Side of each view; default: the training image size recorded for the model, else required.
+        protocol: Crop of the ``center`` / ``flip`` views (``"llamagen"`` or ``"fvq"``; default: the model's, else
+            ``"llamagen"``). Ten-crop views always start from ADM's centre crop (``"llamagen"``).
+        views: ``"center"`` (1 view), ``"flip"`` (2), ``"tencrop"`` (10, LlamaGen's), ``"tencrop+1.05"`` (20).
+        labels: ``"none"`` (labels -1) or ``"subfolders"`` (ImageNet layout, :func:`labelled_images`).
+        shard_size: Input files per shard.
+        batch_size: Images per forward pass (each with its views).
+        num_workers: DataLoader processes decoding and cutting images, per rank.
+        alpha: Transparency rule for images with an alpha channel.
+        max_bad_fraction: Stop (``TooManyBadFilesError``) once more than this fraction of a rank's files are
+            unreadable; the default 1.0 only skips them.
+        resume: Keep the complete shards of an interrupted encoding (settings must match) and encode the rest.
+        overwrite: Remove an existing store in ``out_dir`` first.
+        progress: Show a progress bar (rank 0).
+
+    Raises:
+        ValueError: ``out_dir`` holds a store and neither ``resume`` nor ``overwrite`` is given, or it was begun
+            with other settings (model, views, inputs...); bad arguments.
+
+    Returns:
+        A :class:`StoreReport` (on every rank).
+    """
+    loaded = LoadedModel.of(model)
+    tokenizer = loaded.tokenizer
+    out_dir = Path(out_dir)
+    spec = ViewSpec.parse(views)
+    if spec.kind == "tencrop":
+        if protocol not in (None, "llamagen"):
+            raise ValueError(
+                f"ten-crop views are cut from ADM's centre crop as LlamaGen does (protocol 'llamagen'); protocol "
+                f"{protocol!r} applies to the 'center' and 'flip' views"
+            )
+        protocol = "llamagen"
+    protocol = _check_protocol(protocol or loaded.protocol or "llamagen")
+    if image_size is None:
+        if loaded.image_size is None:
+            raise ValueError(
+                "image_size is required: the model records no training image size (give the crop size, e.g. 256)"
+            )
+        image_size = loaded.image_size
+    h, w = tokenizer.latent_shape(image_size, image_size)
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
+    _check_loader_arguments(batch_size, num_workers)
+    if labels == "subfolders":
+        if len(paths) != 1 or isinstance(paths[0], ImageSource):
+            raise ValueError(f"labels from subfolders need exactly one input folder (ImageNet layout), got {paths}")
+        sources, targets, class_names = labelled_images(paths[0])  # type: ignore[arg-type]
+    elif labels == "none":
+        if paths and all(isinstance(p, ImageSource) for p in paths):
+            sources = list(paths)  # type: ignore[arg-type]
+        else:
+            sources = collect_images(paths)  # type: ignore[arg-type]
+        targets, class_names = [-1] * len(sources), []
+    else:
+        raise ValueError(f"labels must be 'none' or 'subfolders', got {labels!r}")
+    if not sources:
+        raise ValueError("no input images found")
+    codebook_size = tokenizer.codebook_size
+    codes = int(getattr(tokenizer.quantizer, "codes_per_position", 1))
+    dtype = storage_dtype(codebook_size)
+    settings = {
+        "model_identity": loaded.identity,
+        "model_weights_sha256": loaded.weights_sha256,
+        "model_config_sha256": loaded.config_sha256,
+        "codebook_size": codebook_size,
+        "grid": [h, w],
+        "codes_per_position": codes,
+        "downsample_factor": tokenizer.downsample_factor,
+        "dtype": dtype.name,
+        "image_size": int(image_size),
+        "protocol": protocol,
+        "views": str(spec),
+        "alpha": alpha,
+        "labels": labels,
+        "class_names": list(class_names),
+        "num_inputs": len(sources),
+        "inputs_sha256": _names_digest(sources, targets),
+        "shard_size": shard_size,
+    }
+    rank, world_size = placement()
+    _prepare_folder(out_dir, resume=resume, overwrite=overwrite, is_main=rank == 0)
+
+    # This rank's shards: a contiguous run, the same shards whatever the number of ranks.
+    num_shards = -(-len(sources) // shard_size)
+    mine = range(rank * num_shards // world_size, (rank + 1) * num_shards // world_size)
+    device = tokenizer.quant_conv.weight.device
+    encoded: list[int] = []
+    reused: list[int] = []
+    failure: Exception | None = None
+    try:
+        todo = []
+        for shard in mine:
+            if resume and complete_shard(out_dir, shard, settings) is not None:
+                reused.append(shard)
+            else:
+                todo.append(shard)
+        if reused:
+            logger.info("rank %d keeps %d complete shard(s) of %s", rank, len(reused), out_dir)
+        crops = ViewCrops(spec, image_size, protocol)
+        policy = BadFilePolicy(max_bad_fraction=max_bad_fraction, min_seen=min(100, len(sources)))
+        policy.description = "the input images"
+        plan = [
+            (shard, batch) for shard in todo for batch in _chunks(_shard_range(shard, shard_size, sources), batch_size)
+        ]
+        total = sum(len(batch) for _, batch in plan)
+        with _progress(total, "encode", "img", progress and rank == 0) as bar:
+            results = _encode_batches(
+                tokenizer,
+                sources,
+                crops,
+                [batch for _, batch in plan],
+                num_workers=num_workers,
+                alpha=alpha,
+                bad_files=policy,
+                bar=bar,
+            )
+            pending: list[EncodedViews] = []
+            for index, ((shard, _), result) in enumerate(zip(plan, results)):
+                pending.append(result)
+                if index + 1 == len(plan) or plan[index + 1][0] != shard:
+                    _write_encoded_shard(out_dir, shard, pending, sources, targets, settings, codebook_size, dtype)
+                    encoded.append(shard)
+                    pending = []
+    except Exception as error:  # every rank must reach the collective below, or the others would wait forever
+        failure = error
+    if any_rank(failure is not None, device):
+        if failure is not None:
+            raise failure
+        raise RuntimeError("another process failed while encoding the token store; see its error")
+
+    barrier()
+    if rank == 0:
+        entries = []
+        for shard in range(num_shards):
+            entry = complete_shard(out_dir, shard, settings, check_sha256=False)
+            if entry is None:
+                raise RuntimeError(f"shard {shard_files(shard)[2]} of {out_dir} is missing after encoding")
+            entries.append(entry)
+        write_meta(out_dir, settings, entries)
+    barrier()
+    meta = json.loads((out_dir / META_NAME).read_text())
+    skipped = []
+    if rank == 0:
+        for shard in range(num_shards):
+            skipped.extend(json.loads((out_dir / shard_files(shard)[2]).read_text()).get("skipped", []))
+    return StoreReport(path=out_dir, meta=meta, encoded=encoded, reused=reused, skipped=skipped)
+
+
+def _shard_range(shard: int, shard_size: int, sources: Sequence[ImageSource]) -> range:
+    return range(shard * shard_size, min((shard + 1) * shard_size, len(sources)))
+
+
+def _write_encoded_shard(
+    out_dir: Path,
+    shard: int,
+    batches: Sequence[EncodedViews],
+    sources: Sequence[ImageSource],
+    targets: Sequence[int],
+    settings: dict[str, Any],
+    codebook_size: int,
+    dtype: np.dtype,
+) -> None:
+    """Check the ids of one shard's batches and write the shard."""
+    indices = torch.cat([b.indices for b in batches])  # (N_k, V, h, w[, c])
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= codebook_size):
+        raise ValueError(
+            f"the model emitted ids in [{int(indices.min())}, {int(indices.max())}] for a codebook of {codebook_size}"
+        )
+    positions = [p for b in batches for p in b.positions]
+    span = _shard_range(shard, int(settings["shard_size"]), sources)
+    write_shard(
+        out_dir,
+        shard,
+        tokens=indices.numpy().astype(dtype),
+        labels=np.asarray([targets[p] for p in positions], dtype=np.int64),
+        sources=[sources[p].name for p in positions],
+        skipped=[name for b in batches for name in b.skipped],
+        first_input=span.start,
+        inputs=len(span),
+        settings=settings,
     )
 
 

@@ -1,4 +1,13 @@
-"""The token file: token ids of a set of images, with what is needed to decode them safely.
+"""Token files and stores: token ids of a set of images, with what is needed to decode them safely.
+
+Two formats, both tagged ``format="fvq-tokens"``:
+
+* version 1, the token file (one ``.safetensors``): a few images, one crop each, no labels. :func:`save_tokens`
+  writes it, :func:`load_tokens` reads it as a :class:`TokenFile`.
+* version 2, the token store (a folder of memory-mappable shards, with views and class labels): written by
+  :func:`~fvq.inference.pipeline.encode_store` (``fvq encode DIR --out STORE``), read by
+  :class:`fvq.data.tokens.TokenDataset` for training; its layout is described in :mod:`fvq.data.tokens`.
+  :func:`load_tokens` reads one view of it (view 0, the plain centre crop, by default) as a :class:`TokenFile`.
 
 Token file (``.safetensors``, written atomically)::
 
@@ -11,20 +20,30 @@ Token file (``.safetensors``, written atomically)::
               two full digests), sources (JSON list of file names relative to the folder given, one per image),
               skipped (JSON list of unreadable files)
 
-In memory (:class:`TokenFile`) indices are int64, the dtype every fvq quantizer takes.
+In memory (:class:`TokenFile`) indices are int64, the dtype every fvq quantizer takes. :func:`check_tokens` refuses
+tokens (of a file or a store) that another model made.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from fvq.data.tokens import (
+    TOKEN_FILE_VERSION,
+    TOKEN_FORMAT,
+    TOKEN_STORE_VERSION,
+    ForeignTokensError,
+    TokenDataset,
+    TokenStore,
+    read_token_file,
+)
 from fvq.inference.loading import LoadedModel
 from fvq.models.tokenizer import Tokenizer
 from fvq.weights import atomic_write_bytes
@@ -32,6 +51,7 @@ from fvq.weights import atomic_write_bytes
 __all__ = [
     "TOKEN_FORMAT",
     "TOKEN_FORMAT_VERSION",
+    "TOKEN_STORE_VERSION",
     "ForeignTokensError",
     "TokenFile",
     "check_tokens",
@@ -39,13 +59,9 @@ __all__ = [
     "save_tokens",
 ]
 
-TOKEN_FORMAT = "fvq-tokens"
-TOKEN_FORMAT_VERSION = 1
+TOKEN_FORMAT_VERSION = TOKEN_FILE_VERSION
+"""Version of the single-file format that :func:`save_tokens` writes (stores are :data:`TOKEN_STORE_VERSION`)."""
 _INT32_MAX = 2**31 - 1
-
-
-class ForeignTokensError(ValueError):
-    """The tokens were made by another model than the one given to decode them."""
 
 
 @dataclass
@@ -153,55 +169,31 @@ def save_tokens(path: str | os.PathLike, tokens: TokenFile) -> Path:
     return path
 
 
-def _meta_int(metadata: Mapping[str, str], key: str, path: Path) -> int:
-    try:
-        return int(metadata[key])
-    except KeyError:
-        raise ValueError(f"token file {path} lacks the metadata entry {key!r}") from None
-    except ValueError:
-        raise ValueError(f"token file {path}: metadata {key}={metadata[key]!r} is not an integer") from None
+def load_tokens(path: str | os.PathLike, *, view: int = 0) -> TokenFile:
+    """Read a token file written by :func:`save_tokens` (checks its format and that shapes match its metadata), or one
+    view of a token store folder written by ``fvq encode DIR --out STORE``.
 
+    Args:
+        path: A ``.safetensors`` token file (version 1) or a token store folder (version 2).
+        view: The view read from a store (0: the plain centre crop; see :mod:`fvq.data.tokens`). A store's view is
+            read whole into memory (``N x h x w`` int64); a token file has only view 0.
 
-def load_tokens(path: str | os.PathLike) -> TokenFile:
-    """Read a token file written by :func:`save_tokens` (checks its format and that shapes match its metadata)."""
-    from safetensors import SafetensorError, safe_open
-
+    Returns:
+        A :class:`TokenFile` with int64 indices ``(N, h, w)`` (or ``(N, h, w, c)``).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"token file {path} not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            keys = list(f.keys())
-            indices = f.get_tensor("indices") if "indices" in keys else None
-    except SafetensorError as error:
-        raise ValueError(f"{path} is not a safetensors file: {error}") from error
-    if metadata.get("format") != TOKEN_FORMAT:
-        raise ValueError(
-            f"{path} is not an fvq token file (metadata format={metadata.get('format')!r}, expected "
-            f"{TOKEN_FORMAT!r}); write token files with `fvq encode` or fvq.inference.save_tokens"
-        )
-    version = _meta_int(metadata, "format_version", path)
-    if version > TOKEN_FORMAT_VERSION:
-        raise ValueError(f"{path} has token format_version {version}; this fvq reads <= {TOKEN_FORMAT_VERSION}")
-    if indices is None:
-        raise ValueError(f"token file {path} has no 'indices' tensor (it has {keys})")
-    expected = [_meta_int(metadata, k, path) for k in ("num_images", "grid_height", "grid_width")]
-    codes = _meta_int(metadata, "codes_per_position", path)
-    if codes > 1:
-        expected.append(codes)
-    if list(indices.shape) != expected:
-        raise ValueError(
-            f"token file {path}: indices have shape {tuple(indices.shape)} but the metadata says {tuple(expected)} "
-            f"(num_images, grid_height, grid_width{', codes_per_position' if codes > 1 else ''})"
-        )
+    if path.is_dir():
+        return _load_store_view(TokenStore(path), view)
+    if view != 0:
+        raise ValueError(f"token file {path} holds one view per image (view 0), got view={view}")
+    indices, metadata = read_token_file(path)
 
     def optional_int(key: str) -> int | None:
-        return _meta_int(metadata, key, path) if key in metadata else None
+        return int(metadata[key]) if key in metadata else None
 
     return TokenFile(
         indices=indices,
-        codebook_size=_meta_int(metadata, "codebook_size", path),
+        codebook_size=int(metadata["codebook_size"]),
         model_identity=metadata.get("model_identity", ""),
         sources=json.loads(metadata.get("sources", "[]")),
         image_size=optional_int("image_size"),
@@ -214,12 +206,45 @@ def load_tokens(path: str | os.PathLike) -> TokenFile:
     )
 
 
-def check_tokens(model: Tokenizer | LoadedModel, tokens: TokenFile, *, force: bool = False) -> None:
+def _load_store_view(store: TokenStore, view: int) -> TokenFile:
+    if not 0 <= view < store.views:
+        raise ValueError(f"token store {store.path} has views 0 .. {store.views - 1}, got view={view}")
+    h, w = store.grid
+    tail = (store.codes_per_position,) if store.codes_per_position > 1 else ()
+    indices = torch.empty(store.num_images, h, w, *tail, dtype=torch.int64)  # (N, h, w[, c])
+    sources: list[str] = []
+    start = 0
+    for shard in range(len(store.shards)):
+        count = int(store.shards[shard]["images"])
+        if count:
+            indices[start : start + count] = torch.from_numpy(store.tokens(shard)[:, view].astype(np.int64))
+        sources.extend(store.sources(shard))
+        start += count
+    meta = store.meta
+    return TokenFile(
+        indices=indices,
+        codebook_size=store.codebook_size,
+        model_identity=store.model_identity,
+        sources=sources if len(sources) == store.num_images else [],
+        image_size=meta.get("image_size"),
+        protocol=meta.get("protocol"),
+        downsample_factor=meta.get("downsample_factor"),
+        skipped=store.skipped(),
+        model_weights_sha256=meta.get("model_weights_sha256"),
+        model_config_sha256=meta.get("model_config_sha256"),
+        fvq_version=meta.get("fvq_version"),
+    )
+
+
+def check_tokens(
+    model: Tokenizer | LoadedModel, tokens: TokenFile | TokenStore | TokenDataset, *, force: bool = False
+) -> None:
     """Refuse tokens this model cannot decode correctly.
 
     Args:
         model: The model that will decode (a :class:`Tokenizer` or a :class:`LoadedModel`).
-        tokens: The token file.
+        tokens: The token file, or a token store (:class:`~fvq.data.tokens.TokenStore` or
+            :class:`~fvq.data.tokens.TokenDataset`: the ids of a store are checked as they are read).
         force: Decode tokens made by another model anyway (ids are still range-checked).
 
     Raises:
@@ -229,6 +254,8 @@ def check_tokens(model: Tokenizer | LoadedModel, tokens: TokenFile, *, force: bo
     """
     loaded = LoadedModel.of(model)
     tokenizer = loaded.tokenizer
+    if isinstance(tokens, TokenDataset):
+        tokens = tokens.store
     if not force and tokens.model_identity != loaded.identity:
         raise ForeignTokensError(
             f"these tokens were made by model {tokens.model_identity or '(unknown)'} but the model given is "
@@ -237,11 +264,18 @@ def check_tokens(model: Tokenizer | LoadedModel, tokens: TokenFile, *, force: bo
         )
     codes = int(getattr(tokenizer.quantizer, "codes_per_position", 1))
     if tokens.codes_per_position != codes:
+        shape = f"indices {tuple(tokens.indices.shape)}" if isinstance(tokens, TokenFile) else f"store {tokens.path}"
         raise ValueError(
-            f"the tokens have {tokens.codes_per_position} code(s) per position (indices {tuple(tokens.indices.shape)})"
-            f" but the model uses {codes}"
+            f"the tokens have {tokens.codes_per_position} code(s) per position ({shape}) but the model uses {codes}"
         )
     size = tokenizer.codebook_size
+    if isinstance(tokens, TokenStore):
+        if tokens.codebook_size > size:
+            raise ValueError(
+                f"token ids must lie in [0, {size - 1}] for this model (codebook_size {size}); the store {tokens.path} "
+                f"was made with {tokens.codebook_size} codes"
+            )
+        return
     indices = tokens.indices
     if indices.numel() == 0:
         return
