@@ -9,18 +9,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """``(B, 3, H, W)`` images in [-1, 1] -> ``(B, H, W, 3)`` uint8 (rounded, clamped)."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+from fvq.data.transforms import to_uint8_half_even
 
 
 def image_grid(images: Tensor, nrow: int = 8, padding: int = 2, scale: int = 1) -> Image.Image:
     """Tile ``(B, 3, H, W)`` images in [-1, 1] into one PIL image, ``nrow`` per row, optionally upscaled (nearest)."""
-    arr = to_uint8(images)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+    arr = to_uint8_half_even(images).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
     b, h, w, _ = arr.shape
     ncol = min(nrow, b)
     nrows = (b + ncol - 1) // ncol

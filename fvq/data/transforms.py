@@ -43,6 +43,7 @@ __all__ = [
     "sample_rng",
     "to_pil",
     "to_tensor",
+    "to_uint8_half_even",
 ]
 
 EvalProtocol = Literal["llamagen", "fvq"]
@@ -276,9 +277,26 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).to(torch.float32).div_(127.5).sub_(1.0)  # (3, H, W)
 
 
+def to_uint8_half_even(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] -> uint8 in [0, 255]: ``127.5 (x + 1)`` in float32, rounded half to even
+    (``torch.round``), clipped; the pixels :func:`to_pil`, the PNGs of ``fvq decode`` and the image grids hold.
+
+    The evaluation metrics round otherwise (``floor(255 x + 0.5)`` on [0, 1] in float64, half up:
+    :func:`fvq.evaluation.evaluate.to_uint8`); the two differ on values exactly halfway between two levels.
+
+    Args:
+        images: Float tensor of any shape, e.g. ``(3, H, W)`` or ``(B, 3, H, W)``.
+
+    Returns:
+        ``uint8`` tensor of the same shape, on the CPU.
+    """
+    return ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 def to_pil(tensor: torch.Tensor) -> Image.Image:
-    """Inverse of :func:`to_tensor`: float tensor (3, H, W) in [-1, 1] -> 8-bit RGB PIL image (rounded, clipped)."""
+    """Inverse of :func:`to_tensor`: float tensor (3, H, W) in [-1, 1] -> 8-bit RGB PIL image
+    (:func:`to_uint8_half_even`)."""
     if tensor.ndim != 3 or tensor.shape[0] != 3:
         raise ValueError(f"expected a tensor of shape (3, H, W), got {tuple(tensor.shape)}")
-    array = ((tensor.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    array = to_uint8_half_even(tensor)  # (3, H, W)
     return Image.fromarray(array.permute(1, 2, 0).numpy(), mode="RGB")
