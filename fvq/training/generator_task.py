@@ -57,20 +57,17 @@ EXPORT_DIR = "model"  # RUN/model/: the final weights as GPT.save_pretrained wri
 # ---------------------------------------------------------------------------------------------------------------------
 # token data
 def open_tokens(path: str | os.PathLike, *, split: str, seed: int) -> Any:
-    """The token dataset of a store written by ``fvq encode`` (:class:`fvq.data.tokens.TokenDataset`).
+    """The token dataset of a store written by ``fvq encode`` (:class:`fvq.data.tokens.TokenDataset`); a store
+    without class labels is refused (the generator is class-conditional).
 
     Args:
         path: The token store.
-        split: ``"train"`` (one augmented view per sample and epoch) or ``"val"``.
+        split: ``"train"`` (one view per sample and epoch) or ``"val"`` (the plain centre crop).
         seed: Seed of the view draws.
     """
-    try:
-        from fvq.data.tokens import TokenDataset
-    except ModuleNotFoundError as err:
-        if err.name != "fvq.data.tokens":
-            raise
-        raise RuntimeError("reading token stores needs fvq.data.tokens, which this installation lacks") from err
-    return TokenDataset(path, split=split, seed=seed)
+    from fvq.data.tokens import TokenDataset
+
+    return TokenDataset(path, split=split, seed=seed, require_labels=True)
 
 
 @dataclass(frozen=True)

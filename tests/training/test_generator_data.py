@@ -1,56 +1,20 @@
-"""Token data for the generator-training tests: a small file-backed store with the token dataset's interface.
-
-``StandInTokens(path, split=, seed=)`` has the attributes and items of ``fvq.data.tokens.TokenDataset`` (``grid``,
-``codebook_size``, ``num_classes``, ``class_names``, ``model_identity``; items ``TokenSample(tokens (T,), label ())``;
-``set_epoch`` draws one of a sample's views per epoch as a pure function of ``(seed, epoch, index)``). Tests put it in
-place of the real reader with :func:`use_stand_in`, and processes launched by torchrun with :func:`launcher`.
-"""
+"""Token stores for the generator-training tests: synthetic tokens written in the format ``fvq encode`` writes
+(:func:`fvq.data.tokens.write_shard` / :func:`~fvq.data.tokens.write_meta`, no tokenizer), read back through
+:class:`fvq.data.tokens.TokenDataset` as ``tokens=PATH`` reads them in training."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
-import fvq.training.generator_task as generator_task
-from fvq.training.generator_task import draw_seed
+from fvq.data.tokens import TokenDataset, ViewSpec, storage_dtype, write_meta, write_shard
 
-HERE = Path(__file__).resolve().parent
 V, GRID, CLASSES = 32, (4, 4), 4
 T = GRID[0] * GRID[1]
-
-
-class TokenSample(NamedTuple):
-    tokens: Tensor
-    label: Tensor
-
-
-class StandInTokens:
-    """A token store in one ``.pt`` file: ``tokens`` ``(N, views, T)`` (or ``(N, views, T, c)``), ``labels`` ``(N,)``
-    and the layout; ``split="train"`` draws a view per epoch, other splits read view 0."""
-
-    def __init__(self, path: str | Path, *, split: str = "train", seed: int = 0) -> None:
-        data = torch.load(path, weights_only=True)
-        self.tokens, self.labels = data["tokens"], data["labels"]
-        self.grid = tuple(data["grid"])
-        self.codebook_size = int(data["codebook_size"])
-        self.num_classes = int(data["num_classes"])
-        self.class_names = list(data["class_names"])
-        self.model_identity = str(data["model_identity"])
-        self.split, self.seed, self.epoch = split, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return int(self.tokens.shape[0])
-
-    def __getitem__(self, index: int) -> TokenSample:
-        views = self.tokens.shape[1]
-        view = draw_seed(self.seed, self.epoch, index) % views if self.split == "train" and views > 1 else 0
-        return TokenSample(self.tokens[index, view].long(), self.labels[index].long())
+VIEWS = {1: "center", 2: "flip", 10: "tencrop"}
 
 
 def write_store(
@@ -62,20 +26,46 @@ def write_store(
     grid: tuple[int, int] = GRID,
     num_classes: int = CLASSES,
     identity: str = "tokenizer-a",
+    shard_size: int = 16,
 ) -> Path:
-    """Write a store: ``tokens`` ``(N, views, T)``, ``labels`` ``(N,)``."""
-    torch.save(
-        {
-            "tokens": tokens,
-            "labels": labels,
-            "grid": list(grid),
-            "codebook_size": codebook_size,
-            "num_classes": num_classes,
-            "class_names": [f"class {c}" for c in range(num_classes)],
-            "model_identity": identity,
-        },
-        path,
-    )
+    """Write a token store: ``tokens`` ``(N, views, T)`` (or ``(N, views, T, c)``: ``c`` codes per position) with
+    1, 2 or 10 views, ``labels`` ``(N,)``; shards of ``shard_size`` images."""
+    n, views = tokens.shape[:2]
+    codes = tokens.shape[3] if tokens.ndim == 4 else 1
+    settings = {
+        "model_identity": identity,
+        "codebook_size": codebook_size,
+        "grid": list(grid),
+        "codes_per_position": codes,
+        "dtype": storage_dtype(codebook_size).name,
+        "image_size": 4 * grid[0],
+        "protocol": "llamagen",
+        "views": VIEWS[views],
+        "labels": "subfolders",
+        "class_names": [f"class {c}" for c in range(num_classes)],
+        "num_inputs": n,
+        "shard_size": shard_size,
+    }
+    assert ViewSpec.parse(settings["views"]).count == views
+    path.mkdir(parents=True, exist_ok=True)
+    array = tokens.numpy().reshape(n, views, *grid, *((codes,) if codes > 1 else ()))
+    entries = []
+    for index, start in enumerate(range(0, n, shard_size)):
+        part = slice(start, min(n, start + shard_size))
+        entries.append(
+            write_shard(
+                path,
+                index,
+                tokens=array[part].astype(settings["dtype"]),
+                labels=labels[part].numpy(),
+                sources=[f"class {int(labels[i])}/{i}.png" for i in range(part.start, part.stop)],
+                skipped=[],
+                first_input=start,
+                inputs=part.stop - part.start,
+                settings=settings,
+            )
+        )
+    write_meta(path, settings, entries)
     return path
 
 
@@ -100,30 +90,6 @@ def structured_store(path: Path, n: int, *, noise: float = 0.1, seed: int = 0) -
     replace = torch.rand(tokens.shape, generator=g) < noise
     tokens[replace] = torch.randint(0, V, (int(replace.sum()),), generator=g)
     return write_store(path, tokens, labels)
-
-
-def open_stand_in(path: str | Path, *, split: str, seed: int) -> StandInTokens:
-    return StandInTokens(path, split=split, seed=seed)
-
-
-def use_stand_in(monkeypatch) -> None:
-    """Make ``tokens=PATH`` open stand-in stores in this process."""
-    monkeypatch.setattr(generator_task, "open_tokens", open_stand_in)
-
-
-def launcher(directory: Path) -> Path:
-    """A script for torchrun that opens stand-in stores, then runs ``fvq`` with its arguments."""
-    script = directory / "launch_fvq.py"
-    script.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(HERE)!r})\n"
-        "import fvq.training.generator_task as generator_task\n"
-        "from test_generator_data import open_stand_in\n"
-        "generator_task.open_tokens = open_stand_in\n"
-        "from fvq.cli import main\n"
-        "raise SystemExit(main(sys.argv[1:]))\n"
-    )
-    return script
 
 
 def tiny_overrides(train: Path, val: Path, **extra) -> list[str]:
@@ -153,18 +119,21 @@ def tiny_overrides(train: Path, val: Path, **extra) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def test_stand_in_has_the_token_dataset_interface(tmp_path):
-    store = StandInTokens(random_store(tmp_path / "t.pt", 10, views=3))
-    assert len(store) == 10 and store.grid == GRID and store.codebook_size == V and store.num_classes == CLASSES
-    sample = store[4]
-    assert sample.tokens.shape == (T,) and sample.tokens.dtype == torch.long and sample.label.shape == ()
-    views = []
+def test_written_stores_read_back_as_training_reads_them(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tokens, labels = torch.randint(0, V, (20, 2, T), generator=g), torch.randint(0, CLASSES, (20,), generator=g)
+    path = write_store(tmp_path / "store", tokens, labels, shard_size=8)  # three shards
+    train = TokenDataset(path, split="train", seed=0, require_labels=True)
+    assert len(train) == 20 and tuple(train.grid) == GRID and train.codebook_size == V
+    assert train.num_classes == CLASSES and train.model_identity == "tokenizer-a" and train.codes_per_position == 1
+    seen = []
     for epoch in range(6):
-        store.set_epoch(epoch)
-        views.append(store[4].tokens)
-    store.set_epoch(2)
-    assert torch.equal(store[4].tokens, views[2])  # a pure function of (seed, epoch, index)
-    assert any(not torch.equal(views[0], v) for v in views[1:])
-    held_out = StandInTokens(tmp_path / "t.pt", split="val")
-    held_out.set_epoch(5)
-    assert torch.equal(held_out[4].tokens, held_out.tokens[4, 0])
+        train.set_epoch(epoch)
+        sample = train[13]
+        assert sample.tokens.shape == (T,) and int(sample.label) == int(labels[13])
+        seen.append(sample.tokens)
+    assert all(any(torch.equal(s, tokens[13, v]) for v in range(2)) for s in seen)
+    assert any(not torch.equal(seen[0], s) for s in seen[1:])  # views drawn per epoch
+    held_out = TokenDataset(path, split="val", seed=0)
+    assert all(torch.equal(held_out[i].tokens, tokens[i, 0]) for i in range(20))
+    assert np.array_equal(np.asarray([int(held_out[i].label) for i in range(20)]), labels.numpy())

@@ -10,25 +10,26 @@ import sys
 
 import pytest
 import torch
-from training.test_generator_data import T, launcher, random_store, tiny_overrides, use_stand_in
+from training.test_generator_data import T, random_store, tiny_overrides
 
 from fvq.cli import main
 from fvq.runs import latest_checkpoint, load_checkpoint
 
 
-def torchrun(script, *args: str, timeout: int = 240) -> None:
+def torchrun(*args: str, timeout: int = 240) -> None:
+    """``python -m torch.distributed.run --nproc_per_node 2 --standalone -m fvq ARGS`` on one thread per process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "fvq", *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_two_process_ddp_keeps_replicas_identical(tmp_path, monkeypatch):
-    train = random_store(tmp_path / "train.pt", 32, views=2)
-    val = random_store(tmp_path / "val.pt", 13, seed=1)  # odd: the ranks validate 7 and 6 sequences
+def test_two_process_ddp_keeps_replicas_identical(tmp_path):
+    train = random_store(tmp_path / "train", 32, views=2)
+    val = random_store(tmp_path / "val", 13, seed=1)  # odd: the ranks validate 7 and 6 sequences
     args = tiny_overrides(train, val, ema=0.9, max_steps=4, val_every=2, checkpoint_every=2, val_samples="null")
     run = tmp_path / "ddp"
-    torchrun(launcher(tmp_path), "train", "gpt_tiny_c2i", "--out", str(run), *args)
+    torchrun("train", "gpt_tiny_c2i", "--out", str(run), *args)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["val/replicas_in_sync"] == 1.0
     assert metrics["val/tokens"] == 13 * T and metrics["val/sequences"] == 13
@@ -38,11 +39,10 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path, monkeypatch):
 
     # one process with the same global batch sees the same samples per step: the same weights up to float rounding
     # (the two ranks' gradients are averaged instead of one batch's); dropout differs by rank, so switch it off
-    use_stand_in(monkeypatch)
     torch.set_num_threads(1)
     no_dropout = [f"model.{k}_dropout_prob=0" for k in ("token", "resid", "ffn", "class")]
     ddp, single = tmp_path / "ddp0", tmp_path / "single"
-    torchrun(launcher(tmp_path), "train", "gpt_tiny_c2i", "--out", str(ddp), *args, *no_dropout)
+    torchrun("train", "gpt_tiny_c2i", "--out", str(ddp), *args, *no_dropout)
     assert main(["train", "gpt_tiny_c2i", "--out", str(single), *args, *no_dropout]) == 0
     a = load_checkpoint(latest_checkpoint(ddp / "checkpoints"))["model"]
     b = load_checkpoint(latest_checkpoint(single / "checkpoints"))["model"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import torch
-from training.test_generator_data import launcher, random_store, tiny_overrides, use_stand_in
+from training.test_generator_data import random_store, tiny_overrides
 from training.test_generator_ddp import torchrun
 
 from fvq.cli import main
@@ -28,14 +28,13 @@ def fsdp_args(train, val) -> list[str]:
     ]
 
 
-def test_fsdp_matches_one_process_in_the_same_checkpoint_layout(tmp_path, monkeypatch):
-    train = random_store(tmp_path / "train.pt", 32, views=2)
-    val = random_store(tmp_path / "val.pt", 13, seed=1)
+def test_fsdp_matches_one_process_in_the_same_checkpoint_layout(tmp_path):
+    train = random_store(tmp_path / "train", 32, views=2)
+    val = random_store(tmp_path / "val", 13, seed=1)
     args = fsdp_args(train, val)
     sharded = tmp_path / "fsdp"
-    torchrun(launcher(tmp_path), "train", "gpt_tiny_c2i", "--out", str(sharded), *args)
+    torchrun("train", "gpt_tiny_c2i", "--out", str(sharded), *args)
 
-    use_stand_in(monkeypatch)
     torch.set_num_threads(1)
     single = tmp_path / "single"
     assert main(["train", "gpt_tiny_c2i", "--out", str(single), *[a for a in args if a != "sharding=fsdp"]]) == 0

@@ -4,21 +4,20 @@
 from __future__ import annotations
 
 import torch
-from training.test_generator_data import launcher, random_store
+from training.test_generator_data import random_store
 from training.test_generator_ddp import torchrun
 from training.test_generator_fsdp import final_state, fsdp_args
 
 
 def test_fsdp_interrupted_and_resumed_run_is_bit_identical(tmp_path):
-    train = random_store(tmp_path / "train.pt", 32, views=2)
-    val = random_store(tmp_path / "val.pt", 13, seed=1)
+    train = random_store(tmp_path / "train", 32, views=2)
+    val = random_store(tmp_path / "val", 13, seed=1)
     args = [*fsdp_args(train, val), "model.class_dropout_prob=0.1"]  # rank- and step-seeded class dropout
-    script = launcher(tmp_path)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    torchrun(script, "train", "gpt_tiny_c2i", "--out", str(straight), *args)
-    torchrun(script, "train", "gpt_tiny_c2i", "--out", str(interrupted), "--stop-after", "2", *args)
+    torchrun("train", "gpt_tiny_c2i", "--out", str(straight), *args)
+    torchrun("train", "gpt_tiny_c2i", "--out", str(interrupted), "--stop-after", "2", *args)
     assert final_state(interrupted)["step"] == 2
-    torchrun(script, "train", "gpt_tiny_c2i", "--out", str(interrupted), "--resume", *args)
+    torchrun("train", "gpt_tiny_c2i", "--out", str(interrupted), "--resume", *args)
 
     a, b = final_state(straight), final_state(interrupted)
     assert a["step"] == b["step"] == 5

@@ -6,18 +6,17 @@ from __future__ import annotations
 import json
 
 import torch
-from training.test_generator_data import structured_store, tiny_overrides, use_stand_in
+from training.test_generator_data import structured_store, tiny_overrides
 
 from fvq.cli import main
 
 
-def test_held_out_bits_fall_below_the_unigram_baselines(tmp_path, monkeypatch):
-    use_stand_in(monkeypatch)
+def test_held_out_bits_fall_below_the_unigram_baselines(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train = structured_store(tmp_path / "train.pt", 256, noise=0.1)
-        val = structured_store(tmp_path / "val.pt", 64, noise=0.1, seed=1)
+        train = structured_store(tmp_path / "train", 256, noise=0.1)
+        val = structured_store(tmp_path / "val", 64, noise=0.1, seed=1)
         args = tiny_overrides(
             train,
             val,

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from training.test_generator_data import T, V, random_store, tiny_overrides, use_stand_in
+from training.test_generator_data import T, V, random_store, tiny_overrides
 
 from fvq.cli import main
 from fvq.generation import GPT
@@ -26,10 +26,9 @@ def _final_state(run):
     return load_checkpoint(latest_checkpoint(run / "checkpoints"))
 
 
-def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, monkeypatch):
-    use_stand_in(monkeypatch)
-    train = random_store(tmp_path / "train.pt", 40, views=3)  # 5 steps per epoch: the run crosses an epoch
-    val = random_store(tmp_path / "val.pt", 12, seed=1)
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
+    train = random_store(tmp_path / "train", 40, views=10)  # 5 steps per epoch: the run crosses an epoch
+    val = random_store(tmp_path / "val", 12, seed=1)
     # EMA, two micro-batches per step and the fvq schedule: everything a resume must restore
     args = tiny_overrides(train, val, ema=0.9, grad_accum_steps=2, schedule="fvq", max_steps=7, **{"optim.lr": 0.1})
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
@@ -63,9 +62,8 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, monkeypatch):
     assert any("train/loss" in r for r in log)
 
 
-def test_the_run_exports_its_final_model(tmp_path, monkeypatch):
-    use_stand_in(monkeypatch)
-    train, val = random_store(tmp_path / "train.pt", 16), random_store(tmp_path / "val.pt", 8, seed=1)
+def test_the_run_exports_its_final_model(tmp_path):
+    train, val = random_store(tmp_path / "train", 16), random_store(tmp_path / "val", 8, seed=1)
     run = tmp_path / "run"
     args = tiny_overrides(train, val, ema=0.5, max_steps=2, val_every=0)
     assert main(["train", "gpt_tiny_c2i", "--out", str(run), *args]) == 0

@@ -14,11 +14,11 @@ from training.test_generator_data import (
     V,
     random_store,
     tiny_overrides,
-    use_stand_in,
     write_store,
 )
 
 from fvq.cli import main
+from fvq.data.tokens import TokenDataset
 from fvq.distributed import init_distributed
 from fvq.training.config import GENERATOR_SCHEDULES, GeneratorTrainConfig, load_config
 from fvq.training.engine import Engine
@@ -36,9 +36,8 @@ def one_thread():
 
 
 @pytest.fixture
-def stores(tmp_path, monkeypatch):
-    use_stand_in(monkeypatch)
-    return random_store(tmp_path / "train.pt", 32), random_store(tmp_path / "val.pt", 12, seed=1)
+def stores(tmp_path):
+    return random_store(tmp_path / "train", 32), random_store(tmp_path / "val", 12, seed=1)
 
 
 def make_engine(tmp_path, train, val, *extra: str) -> tuple[Engine, GeneratorTask]:
@@ -189,22 +188,20 @@ def test_validation_figures_at_initialisation(tmp_path, stores):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # refused inputs
-def test_refuses_several_codes_per_position(tmp_path, monkeypatch):
-    use_stand_in(monkeypatch)
+def test_refuses_several_codes_per_position(tmp_path):
     tokens = torch.randint(0, V, (8, 1, T, 2))  # a residual quantizer's two codes per position
-    train = write_store(tmp_path / "train.pt", tokens, torch.zeros(8, dtype=torch.long))
+    train = write_store(tmp_path / "train", tokens, torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match="2 codes per position"):
         make_engine(tmp_path, train, train)
 
 
-def test_refuses_a_wrong_sequence_length(tmp_path, monkeypatch):
-    use_stand_in(monkeypatch)
-    train = write_store(tmp_path / "train.pt", torch.randint(0, V, (8, 1, T)), torch.zeros(8, dtype=torch.long))
-    data = torch.load(train, weights_only=True)
-    data["grid"] = [4, 5]
-    torch.save(data, train)
+def test_refuses_a_dataset_whose_samples_do_not_fill_its_grid(tmp_path, stores):
+    dataset = TokenDataset(stores[0], split="train")
+    dataset.grid = (4, 5)  # a reader that says 4 x 5 but gives 16 tokens
+    config = load_config("gpt_tiny_c2i", tiny_overrides(*stores))
+    engine = Engine(config, tmp_path / "run", init_distributed("cpu"))
     with pytest.raises(ValueError, match=r"shape \(20,\)"):
-        make_engine(tmp_path, train, train)
+        GeneratorTask(engine, train_set=dataset, val_set=dataset)
 
 
 def test_refuses_more_classes_than_the_model(tmp_path, stores):
@@ -212,21 +209,27 @@ def test_refuses_more_classes_than_the_model(tmp_path, stores):
         make_engine(tmp_path, *stores, "num_classes=2")
 
 
-def test_refuses_held_out_tokens_of_another_tokenizer(tmp_path, monkeypatch):
-    use_stand_in(monkeypatch)
-    train = random_store(tmp_path / "train.pt", 16)
-    val = random_store(tmp_path / "val.pt", 8, identity="tokenizer-b")
+def test_refuses_held_out_tokens_of_another_tokenizer(tmp_path):
+    train = random_store(tmp_path / "train", 16)
+    val = random_store(tmp_path / "val", 8, identity="tokenizer-b")
     with pytest.raises(ValueError, match="another tokenizer"):
         make_engine(tmp_path, train, val)
 
 
-def test_refuses_labels_outside_the_classes(tmp_path, monkeypatch, capsys):
-    use_stand_in(monkeypatch)
-    labels = torch.full((16,), 7)  # the store says 4 classes
-    train = write_store(tmp_path / "train.pt", torch.randint(0, V, (16, 1, T)), labels)
-    val = random_store(tmp_path / "val.pt", 8)
+def test_refuses_a_store_without_labels(tmp_path, capsys):
+    labels = torch.full((16,), -1)  # encoded without --labels
+    train = write_store(tmp_path / "train", torch.randint(0, V, (16, 1, T)), labels, num_classes=0)
+    val = random_store(tmp_path / "val", 8)
     assert main(["train", "gpt_tiny_c2i", "--out", str(tmp_path / "run"), *tiny_overrides(train, val)]) == 2
-    assert "class ids must be in [0, 4)" in capsys.readouterr().err
+    assert "no class labels" in capsys.readouterr().err
+
+
+def test_refuses_labels_outside_the_classes(tmp_path, capsys):
+    labels = torch.full((16,), 7)  # the store says 4 classes: refused when the store is opened
+    train = write_store(tmp_path / "train", torch.randint(0, V, (16, 1, T)), labels)
+    val = random_store(tmp_path / "val", 8)
+    assert main(["train", "gpt_tiny_c2i", "--out", str(tmp_path / "run"), *tiny_overrides(train, val)]) == 2
+    assert "labels must be class ids in [0, 3]" in capsys.readouterr().err
 
 
 def test_refuses_a_checkpoint_of_another_architecture(tmp_path, stores):
@@ -242,9 +245,8 @@ def test_refuses_a_checkpoint_of_another_architecture(tmp_path, stores):
         task.check_checkpoint(other_data)
 
 
-def test_resume_refuses_tokens_of_another_tokenizer(tmp_path, monkeypatch, capsys):
-    use_stand_in(monkeypatch)
-    train, val = random_store(tmp_path / "train.pt", 32), random_store(tmp_path / "val.pt", 12, seed=1)
+def test_resume_refuses_tokens_of_another_tokenizer(tmp_path, capsys):
+    train, val = random_store(tmp_path / "train", 32), random_store(tmp_path / "val", 12, seed=1)
     run = str(tmp_path / "run")
     assert main(["train", "gpt_tiny_c2i", "--out", run, "--stop-after", "1", *tiny_overrides(train, val)]) == 0
     random_store(train, 32, codebook_size=64)  # the store is re-encoded with a larger codebook
