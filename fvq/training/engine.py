@@ -543,7 +543,8 @@ class Engine:
             out = self.task.train_step(self, micro_batches, step)
         applied = self._finish_step(out)
         first_lr = next(iter(self.task.optimizers.values()))[1] * factor
-        out.scalars.update({"lr": torch.tensor(first_lr), "lr_factor": torch.tensor(factor)})
+        as_scalar = lambda value: torch.tensor(value, dtype=torch.float64)  # noqa: E731 - logged as exactly computed
+        out.scalars.update({"lr": as_scalar(first_lr), "lr_factor": as_scalar(factor)})
         return applied, out.scalars
 
     def fit(
