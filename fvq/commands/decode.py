@@ -1,4 +1,5 @@
-"""Tokens to images: ``fvq decode FILE.safetensors --model MODEL --out DIR``.
+"""Tokens to images: ``fvq decode FILE.safetensors --model MODEL --out DIR`` (or a token store folder: its view 0,
+the plain centre crop of each image).
 
 Checks that the token file was made by MODEL (the identity recorded by ``fvq encode``: SHA-256 of the exported
 weights and a digest of the config; ``--force`` decodes anyway) and that every id lies in ``[0, codebook_size)``,
@@ -14,7 +15,9 @@ from fvq.commands.encode import add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("tokens", metavar="FILE.safetensors", help="token file written by fvq encode")
+    parser.add_argument(
+        "tokens", metavar="FILE.safetensors|STORE", help="token file or token store (view 0) written by fvq encode"
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs")
     add_model_arguments(parser)
     parser.add_argument("--force", action="store_true", help="decode tokens made by another model")
