@@ -132,10 +132,10 @@ def test_tencrop_views_and_labels_equal_crops_encoded_one_by_one(setup, tmp_path
                 flipped.append((i, 10 * s + 5 + k, crop))
     tokenizer = _tokenizer(0)
     for i, view, crop in expected + flipped:
-        if i == 2 or view == 5:  # one by one: every view of the cat that is halved first, the mirrored centre of all
+        if i == 2 and view < 10:  # one by one: the 1.1 views of the cat that is halved first (BOX) ...
             stored = torch.from_numpy(tokens[i, view].astype(np.int64))
             assert torch.equal(stored, _encode_one(tokenizer, crop)), (names[i], view)
-    # all of them in one batch (for time), whose ids do not depend on the batch
+    # ... and all of them in one batch (for time): the ids of a crop do not depend on its batch
     batch = torch.stack([_as_input(crop) for _, _, crop in expected + flipped])  # (350, 3, S, S)
     with torch.no_grad():
         batch_ids = tokenizer.encode(batch)  # (350, h, w)
@@ -205,7 +205,6 @@ def test_resume_after_an_interruption_gives_identical_shards(setup, tmp_path, mo
     (store / ".tokens-00002.npy.abc.tmp").write_bytes(b"partial")
     report = encode_store(model, [setup["images"]], store, resume=True, **kwargs)
     assert report.reused == [0] and report.encoded == [1, 2]
-    (store / ".tokens-00002.npy.abc.tmp").unlink()
     assert _files(store) == _files(setup["reference"])  # byte for byte, meta.json included
 
     assert main([*args, "--resume", "--no-progress"]) == 0  # a complete store: checked and kept

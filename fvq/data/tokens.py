@@ -82,6 +82,7 @@ __all__ = [
     "shard_files",
     "storage_dtype",
     "store_files",
+    "temporary_files",
     "write_meta",
     "write_shard",
 ]
@@ -95,7 +96,8 @@ META_NAME = "meta.json"
 SHARD_RECORD_FORMAT = "fvq-tokens-shard"
 DEFAULT_TENCROP_SCALE = 1.1
 BOXES = ("center", "top-left", "top-right", "bottom-left", "bottom-right")
-_SHARD_PATTERN = re.compile(r"^(tokens|labels)-\d{5,}\.npy$|^sources-\d{5,}\.json$|^\.(tokens|labels|sources)-.*\.tmp$")
+_STORE_FILE = re.compile(r"^(tokens|labels)-\d{5,}\.npy$|^sources-\d{5,}\.json$")
+_TEMPORARY_FILE = re.compile(r"^\.((tokens|labels|sources)-\d{5,}|meta)\..*\.tmp$")  # fvq.weights.atomic_path's
 
 VerifyMode = Literal["size", "sha256"]
 
@@ -263,7 +265,16 @@ def store_files(directory: str | os.PathLike) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if p.name == META_NAME or _SHARD_PATTERN.match(p.name))
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.name == META_NAME or _STORE_FILE.match(p.name) or _TEMPORARY_FILE.match(p.name)
+    )
+
+
+def temporary_files(directory: str | os.PathLike) -> list[Path]:
+    """Temporary files an interrupted writer left in a store folder."""
+    return [p for p in store_files(directory) if _TEMPORARY_FILE.match(p.name)]
 
 
 def is_token_store(path: str | os.PathLike) -> bool:
@@ -484,7 +495,6 @@ def read_token_file(path: str | os.PathLike) -> tuple[Tensor, dict[str, str]]:
 def _store_meta_from_file(path: Path, indices: Tensor, metadata: Mapping[str, str]) -> dict[str, Any]:
     """The ``meta.json`` a version-1 file would have as a store of one view and no labels."""
     n = int(indices.shape[0])
-    sources = json.loads(metadata.get("sources", "[]"))
     optional = {k: metadata.get(k) for k in ("model_weights_sha256", "model_config_sha256", "protocol")}
     return {
         "format": TOKEN_FORMAT,
@@ -504,8 +514,6 @@ def _store_meta_from_file(path: Path, indices: Tensor, metadata: Mapping[str, st
         "num_images": n,
         "num_skipped": len(json.loads(metadata.get("skipped", "[]"))),
         "shards": [{"index": 0, "first_input": 0, "inputs": n, "images": n, "files": {}}],
-        "_sources": sources if len(sources) == n else [],
-        "_skipped": json.loads(metadata.get("skipped", "[]")),
     }
 
 
@@ -547,7 +555,9 @@ class TokenStore:
             self.meta = _store_meta_from_file(self.path, indices, metadata)
             tokens = indices.numpy().astype(np.int64)[:, None]  # (N, 1, h, w[, c])
             self._arrays[0] = tokens
-            self._sources[0] = list(self.meta["_sources"])
+            sources = json.loads(metadata.get("sources", "[]"))
+            self._sources[0] = sources if len(sources) == tokens.shape[0] else []
+            self._skipped = list(json.loads(metadata.get("skipped", "[]")))
             self.labels = np.full(tokens.shape[0], -1, dtype=np.int64)
             self._ends = [tokens.shape[0]]
             self._check_labels()
@@ -726,7 +736,7 @@ class TokenStore:
     def skipped(self) -> list[str]:
         """The unreadable input files, over all shards."""
         if self.version == TOKEN_FILE_VERSION:
-            return list(self.meta["_skipped"])
+            return list(self._skipped)
         return [name for s in range(len(self.shards)) for name in self._record(s).get("skipped", [])]
 
     def _record(self, shard: int) -> dict[str, Any]:

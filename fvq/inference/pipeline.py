@@ -36,6 +36,7 @@ from fvq.data.tokens import (
     shard_files,
     storage_dtype,
     store_files,
+    temporary_files,
     write_meta,
     write_shard,
 )
@@ -468,7 +469,8 @@ def _names_digest(sources: Sequence[ImageSource], labels: Sequence[int]) -> str:
 
 
 def _prepare_folder(out_dir: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:
-    """Refuse to mix with an existing store unless asked; with ``overwrite`` rank 0 removes the old store's files."""
+    """Refuse to mix with an existing store unless asked; rank 0 removes the old store's files (``overwrite``) or the
+    temporary files an interrupted run left."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a folder; a token store is a folder")
     if resume and overwrite:
@@ -484,9 +486,8 @@ def _prepare_folder(out_dir: Path, *, resume: bool, overwrite: bool, is_main: bo
     barrier()  # every rank has looked before rank 0 changes anything
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for path in existing:
-                path.unlink(missing_ok=True)
+        for path in existing if overwrite else temporary_files(out_dir):
+            path.unlink(missing_ok=True)
     barrier()
 
 
@@ -546,6 +547,8 @@ def encode_store(
     loaded = LoadedModel.of(model)
     tokenizer = loaded.tokenizer
     out_dir = Path(out_dir)
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     spec = ViewSpec.parse(views)
     if spec.kind == "tencrop":
         if protocol not in (None, "llamagen"):
