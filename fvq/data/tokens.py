@@ -839,6 +839,7 @@ class TokenDataset(Dataset):
                 f"token store {self.store.path} has no class labels, which a class-conditional model needs; encode "
                 f"an ImageNet-style folder (one subfolder per class) with `fvq encode DIR --labels subfolders`"
             )
+        self._labels = torch.from_numpy(self.store.labels)  # (N,) int64
         self._epoch = SharedEpoch()
 
     def __len__(self) -> int:
@@ -865,7 +866,7 @@ class TokenDataset(Dataset):
         ids = np.asarray(self.store.tokens(shard)[row, self.view_of(index)]).astype(np.int64)  # (h, w[, c])
         self.store.check_ids(ids, index)
         tokens = torch.from_numpy(ids.reshape(self.grid[0] * self.grid[1], *ids.shape[2:]))  # (T[, c])
-        return TokenSample(tokens=tokens, label=torch.tensor(int(self.store.labels[index]), dtype=torch.int64))
+        return TokenSample(tokens=tokens, label=self._labels[index].clone())  # a copy: workers send it alone
 
     def check_model_identity(self, identity: str) -> None:
         """Raise :class:`ForeignTokensError` unless the tokens were made by the model of identity ``identity``."""
