@@ -955,6 +955,6 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def _version() -> str:
-    from fvq import __version__
+    from fvq.version import __version__
 
     return __version__

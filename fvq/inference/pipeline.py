@@ -27,6 +27,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from fvq.data.grids import save_reconstruction_grid
 from fvq.data.images import AlphaPolicy, BadFilePolicy, BadImageError, decode_image
 from fvq.data.tokens import (
     META_NAME,
@@ -46,7 +47,6 @@ from fvq.evaluation.metrics import psnr
 from fvq.inference.loading import LoadedModel
 from fvq.inference.tokens import TokenFile, check_tokens, save_tokens
 from fvq.models.tokenizer import Tokenizer
-from fvq.visualize import save_reconstruction_grid
 from fvq.weights import atomic_write_bytes
 
 __all__ = [

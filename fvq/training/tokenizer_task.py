@@ -176,7 +176,7 @@ class TokenizerTask:
             "val/psnr_images": figures["num_images"],
         }
         if ctx.is_main:
-            from fvq.visualize import save_reconstruction_grid
+            from fvq.data.grids import save_reconstruction_grid
 
             if first is not None:
                 save_reconstruction_grid(first[0], first[1], engine.run.file("reconstructions.png"))

@@ -1,4 +1,4 @@
-"""Pictures people look at: image grids (originals next to reconstructions)."""
+"""Image grids people look at (originals next to reconstructions, samples by class), written as PNG files."""
 
 from __future__ import annotations
 
