@@ -34,6 +34,11 @@ $(FID_STAMP): | $(STAMP)
 demo: $(STAMP) $(WEIGHTS)
 	$(VENV)/bin/fvq train tiny_fvq --out runs/demo --overwrite
 
+# Class-conditional generation on a CPU: crops -> tokenizer -> fvq encode -> fvq train (GPT) -> fvq sample -> measures
+.PHONY: demo-gen
+demo-gen: $(STAMP) $(WEIGHTS)
+	$(PY) scripts/generation_demo.py --out runs/gen_demo
+
 test: $(STAMP) $(WEIGHTS)
 	FVQ_REQUIRE_LPIPS_WEIGHTS=1 FVQ_REQUIRE_FID_INCEPTION=1 FVQ_REQUIRE_FUSED_SEARCH=$(FVQ_REQUIRE_FUSED_SEARCH) $(PY) -m pytest -q -m "not slow"
 
