@@ -12,10 +12,10 @@ weights (the time of a forward does not depend on their values).
   draw; fed the cached run's tokens, so both paths do the same work), and are compared with the same steps of the
   cache (measured, no estimate). Then single steps at the positions ``--probe-steps`` (default 64, 128, 192 and the
   last one) are timed, and the time of the whole loop is the sum over all ``T`` steps of the piecewise-linear
-  interpolation between the measured steps: an estimate inside the measured range, not an extrapolation past it. (A
-  line through the first 32 steps alone predicts about a third of it on a CPU: the cost per position grows with the
-  prefix, through attention and through activations that outgrow the caches; it is kept in the JSON as
-  ``line_from_first_steps_s``.)
+  interpolation between the measured steps: an estimate inside the measured range, not an extrapolation past it. A
+  least-squares line through the first steps alone, summed over all steps, is kept in the JSON for comparison
+  (``line_from_first_steps_s``): it leaves out the growth of each position's cost with the prefix (attention, and
+  activations that outgrow the caches), and came out 10 % lower for GPT-B on a 2-core EPYC.
 * **Peak memory**: growth of the process's peak resident set size during each measured call on a CPU (``VmHWM``,
   :class:`fvq.bench.search.PeakMemory`), ``torch.cuda.max_memory_allocated`` on a GPU; the weights are already in
   memory, the KV cache is counted.
