@@ -56,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     classes.add_argument("--classes", type=_int_list, default=None, metavar="C1,C2,...", help="these class ids")
     classes.add_argument("--per-class", type=int, default=None, metavar="N", help="N samples of every (listed) class")
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    sampling.add_argument(
+        "--cfg-scale", metavar="S", type=float, default=1.0, help="classifier-free guidance scale (1: none)"
+    )
     sampling.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="constant", help="guidance over tokens")
     sampling.add_argument(
         "--cfg-interval",
@@ -65,12 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="A,B",
         help="fractions of the tokens guided by --cfg-schedule interval (default 0,1)",
     )
-    sampling.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: greedy)")
-    sampling.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
-    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus threshold (1: off)")
-    sampling.add_argument("--seed", type=int, default=0, help="seed of the run (classes and tokens)")
+    sampling.add_argument("--temperature", metavar="T", type=float, default=1.0, help="softmax temperature (0: greedy)")
+    sampling.add_argument("--top-k", metavar="K", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    sampling.add_argument("--top-p", metavar="P", type=float, default=1.0, help="nucleus threshold (1: off)")
+    sampling.add_argument("--seed", metavar="SEED", type=int, default=0, help="seed of the run (classes and tokens)")
     run = parser.add_argument_group("run")
-    run.add_argument("--batch-size", type=int, default=32, help="samples per generator call (default 32)")
+    run.add_argument("--batch-size", metavar="B", type=int, default=32, help="samples per generator call (default 32)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute")
     run.add_argument("--npz", action="store_true", help="also pack DIR/samples.npz (ADM layout)")
     run.add_argument("--no-png", action="store_true", help="keep only the .npz (needs --npz)")
