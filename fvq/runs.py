@@ -10,6 +10,7 @@ tools (the readers) agree by construction::
       metrics.json           the latest validation
       checkpoints/           step_XXXXXXXX.pt, written atomically by rank 0 (the newest few are kept)
       ...                    pictures and statistics of the latest validation (each task names its own)
+      model/                 the final model as an export folder (generator runs)
       eval/                  what ``fvq eval`` writes for the run
 
 Checkpoints hold tensors and plain data only and load with ``torch.load(weights_only=True)``.
@@ -36,8 +37,19 @@ METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 EVAL_DIR = "eval"
+EXPORT_DIR = (
+    "model"  # a run's final model as an export folder (config.json + model.safetensors), when its task writes one
+)
 # what a training run writes besides config.yaml: a folder holding any of these holds a run
-RUN_OUTPUTS = (CHECKPOINT_DIR, LOG_FILE, METRICS_FILE, TENSORBOARD_DIR, "reconstructions.png", "val_code_counts.pt")
+RUN_OUTPUTS = (
+    CHECKPOINT_DIR,
+    LOG_FILE,
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    EXPORT_DIR,
+    "reconstructions.png",
+    "val_code_counts.pt",
+)
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,10 @@ class RunFolder:
     @property
     def eval_dir(self) -> Path:
         return self.path / EVAL_DIR
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / EXPORT_DIR
 
     def file(self, name: str) -> Path:
         """Another file of the run (a picture or statistic a task writes at validation)."""

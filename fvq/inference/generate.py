@@ -43,7 +43,7 @@ from fvq.generation.sampling import CFG_SCHEDULES, generate, guidance_scale
 from fvq.inference.loading import LoadedModel, resolve_checkpoint, resolve_device, weights_digest
 from fvq.inference.pipeline import write_images
 from fvq.models.tokenizer import Tokenizer
-from fvq.runs import load_checkpoint
+from fvq.runs import EXPORT_DIR, load_checkpoint
 
 __all__ = [
     "IMAGES_DIR",
@@ -64,7 +64,6 @@ __all__ = [
     "sample_to_folder",
 ]
 
-EXPORT_DIR = "model"  # RUN/model: where a generator run exports its final weights
 SAMPLE_CONFIG = "sample_config.json"  # the name fvq eval-gen looks for beside the samples
 IMAGES_DIR = "images"
 NPZ_NAME = "samples.npz"

@@ -18,6 +18,7 @@ are reduced over ranks and read once.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import random
@@ -649,6 +650,7 @@ def run_training(
     """
     flush_denormals()
     ctx = init_distributed(config.device)
+    engine = None
     try:
         run = RunFolder(run_dir)
         run.prepare(resume=resume, overwrite=overwrite, is_main=ctx.is_main)
@@ -659,4 +661,8 @@ def run_training(
             engine.resume()
         return engine.fit(max_steps=max_steps, describe=describe)
     finally:
+        # DDP's reducer talks to the process group when it is destroyed: free it before the group goes (a reducer
+        # collected after the teardown can hang that rank)
+        engine = None
+        gc.collect()
         cleanup_distributed()

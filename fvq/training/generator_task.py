@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from fvq.distributed import all_gather_objects, all_reduce_sum_, barrier
 from fvq.generation.gpt import GPT, GPTConfig, gpt_config
 from fvq.generation.layout import check_token_layout
+from fvq.runs import RunFolder
 from fvq.training.config import GeneratorTrainConfig
 from fvq.training.engine import (
     Engine,
@@ -50,8 +50,6 @@ from fvq.training.engine import (
 )
 
 logger = logging.getLogger(__name__)
-
-EXPORT_DIR = "model"  # RUN/model/: the final weights as GPT.save_pretrained writes them
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -556,7 +554,7 @@ class GeneratorTask:
             export_generator(
                 state,
                 self.gpt_config,
-                engine.run.file(EXPORT_DIR),
+                engine.run.export_dir,
                 data=self.data,
                 training={
                     "run": str(engine.run.path),
@@ -625,8 +623,6 @@ def train(
     Args:
         build_task: ``engine -> task`` (e.g. a :class:`GeneratorTask` given datasets in memory).
     """
-    if overwrite and int(os.environ.get("RANK", "0")) == 0:
-        shutil.rmtree(Path(run_dir) / EXPORT_DIR, ignore_errors=True)
     return run_training(
         config,
         run_dir,
@@ -643,7 +639,7 @@ def summary(result: TrainResult) -> list[str]:
     lines = []
     if result.metrics:
         lines.append(describe_validation(result.metrics))
-    export = result.run_dir / EXPORT_DIR
+    export = RunFolder(result.run_dir).export_dir
     lines += [
         f"run directory: {result.run_dir}",
         f"  checkpoint: {result.checkpoint}",
