@@ -15,6 +15,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "exact nearest-code search vs the sgemm peak; VectorQuantizer forward + backward at large codebooks",
     ),
     "quantizers": ("fvq.bench.quantizers", "forward + backward time and peak memory of every quantizer family"),
+    "generator": ("fvq.bench.generator", "GPT training tokens/s and model-FLOP utilisation vs the sgemm peak"),
+    "sampling": ("fvq.bench.sampling", "GPT sampling tokens/s with CFG, KV cache vs full recomputation"),
 }
 
 

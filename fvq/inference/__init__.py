@@ -10,6 +10,8 @@
 * :mod:`~fvq.inference.pipeline`: images -> tokens (:func:`encode_images`, :func:`iter_encoded`; with views and
   labels into a sharded store: :func:`encode_store`, :func:`iter_encoded_views`), tokens -> images
   (:func:`decode_tokens`, :func:`iter_decoded`, :func:`write_images`), both at once (:func:`reconstruct_images`).
+* :mod:`~fvq.inference.generate`: a trained generator (:func:`load_generator`) and its tokenizer to images
+  (:func:`generate_images`), and sample folders for the standard evaluators (:func:`sample_to_folder`, ``fvq sample``).
 """
 
 from fvq.inference.export import (
@@ -19,6 +21,16 @@ from fvq.inference.export import (
     describe_bytes,
     export_model,
     verify_export,
+)
+from fvq.inference.generate import (
+    ForeignGeneratorError,
+    LoadedGenerator,
+    SamplingOptions,
+    check_generator_tokenizer,
+    generate_images,
+    load_generator,
+    plan_classes,
+    sample_to_folder,
 )
 from fvq.inference.loading import (
     LoadedModel,
@@ -62,21 +74,25 @@ from fvq.inference.tokens import (
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
-    "TOKEN_FORMAT",
-    "TOKEN_FORMAT_VERSION",
-    "TOKEN_STORE_VERSION",
     "EncodedBatch",
     "EncodedViews",
     "ExportReport",
     "ExportVerificationError",
+    "ForeignGeneratorError",
     "ForeignTokensError",
     "ImageSource",
+    "LoadedGenerator",
     "LoadedModel",
     "OutputFolderNotEmptyError",
     "OutputsExistError",
     "ReconstructionReport",
+    "SamplingOptions",
     "StoreReport",
+    "TOKEN_FORMAT",
+    "TOKEN_FORMAT_VERSION",
+    "TOKEN_STORE_VERSION",
     "TokenFile",
+    "check_generator_tokenizer",
     "check_tokens",
     "collect_images",
     "config_digest",
@@ -86,16 +102,20 @@ __all__ = [
     "encode_store",
     "existing_outputs",
     "export_model",
+    "generate_images",
     "iter_decoded",
     "iter_encoded",
     "iter_encoded_views",
     "labelled_images",
+    "load_generator",
     "load_model",
     "load_tokens",
     "model_identity",
     "output_names",
+    "plan_classes",
     "reconstruct_images",
     "resolve_device",
+    "sample_to_folder",
     "save_tokens",
     "verify_export",
     "weights_digest",
