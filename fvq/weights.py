@@ -11,7 +11,7 @@ import hashlib
 import os
 import tempfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -153,3 +153,45 @@ def strip_wrapper_prefixes(state: dict) -> dict:
                     key, stripped = key[len(prefix) :], True
         out[key] = value
     return out
+
+
+def select_state_dict(
+    checkpoint: dict,
+    path: str | os.PathLike,
+    *,
+    key: str | None,
+    entries: tuple[str, ...],
+    is_bare: Callable[[dict], bool],
+) -> tuple[dict, str | None]:
+    """The state dict inside another project's checkpoint, wrapper prefixes removed.
+
+    Args:
+        checkpoint: What :func:`read_foreign_checkpoint` returned.
+        path: The file (for messages).
+        key: The entry to read; ``None`` picks the file itself when ``is_bare(checkpoint)``, else the first of
+            ``entries`` present.
+        entries: Entries that may hold the state dict, in order of preference (e.g. ``("ema", "model")``).
+        is_bare: Whether the checkpoint is itself a state dict.
+
+    Returns:
+        ``(state_dict, entry)``; ``entry`` is ``None`` for a bare state dict.
+    """
+    import torch
+
+    if key is not None:
+        if key not in checkpoint:
+            raise ValueError(f"{path} has no entry {key!r}; it has {sorted(map(str, checkpoint))}")
+    elif is_bare(checkpoint):
+        key = None
+    else:
+        key = next((k for k in entries if k in checkpoint), None)
+        if key is None:
+            raise ValueError(
+                f"{path} holds neither a state dict nor any of the entries {list(entries)}; "
+                f"it has {sorted(map(str, checkpoint))}"
+            )
+    state = checkpoint if key is None else checkpoint[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        where = "the file" if key is None else f"entry {key!r}"
+        raise ValueError(f"{where} of {path} is not a state dict of tensors")
+    return strip_wrapper_prefixes(state), key

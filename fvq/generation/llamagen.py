@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from fvq.generation.gpt import GPT, PRESETS, GPTConfig, preset_name, rope_table
-from fvq.weights import read_foreign_checkpoint, strip_wrapper_prefixes
+from fvq.weights import read_foreign_checkpoint, select_state_dict, strip_wrapper_prefixes
 
 _STATE_DICT_KEYS = ("model", "ema", "module", "state_dict")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -66,23 +66,14 @@ def load_llamagen_gpt_state_dict(path: str | os.PathLike, state_dict_key: str | 
         The state dict without ``module.`` / ``_orig_mod.`` prefixes.
     """
     checkpoint = read_foreign_checkpoint(path)
-    if state_dict_key is not None:
-        if state_dict_key not in checkpoint:
-            raise ValueError(f"{path} has no entry {state_dict_key!r}; it has {sorted(map(str, checkpoint))}")
-        state = checkpoint[state_dict_key]
-    elif all(isinstance(v, Tensor) for v in checkpoint.values()):
-        state = checkpoint
-    else:
-        key = next((k for k in _STATE_DICT_KEYS if k in checkpoint), None)
-        if key is None:
-            raise ValueError(
-                f"{path} holds neither a state dict nor any of the entries {list(_STATE_DICT_KEYS)}; "
-                f"it has {sorted(map(str, checkpoint))}"
-            )
-        state = checkpoint[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"the state dict read from {path} is not a dict of tensors")
-    return strip_wrapper_prefixes(state)
+    state, _ = select_state_dict(
+        checkpoint,
+        path,
+        key=state_dict_key,
+        entries=_STATE_DICT_KEYS,
+        is_bare=lambda c: all(isinstance(v, Tensor) for v in c.values()),
+    )
+    return state
 
 
 def _require(state: dict[str, Tensor], key: str) -> Tensor:

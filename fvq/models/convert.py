@@ -32,7 +32,7 @@ from torch import Tensor
 
 from fvq.models.presets import preset_name, resolve_model_config
 from fvq.models.tokenizer import Tokenizer
-from fvq.weights import read_foreign_checkpoint, strip_wrapper_prefixes
+from fvq.weights import read_foreign_checkpoint, select_state_dict
 
 SOURCES = ("auto", "llamagen", "fvq")
 _STATE_DICT_KEYS = ("ema", "model", "state_dict")
@@ -57,23 +57,14 @@ def load_llamagen_state_dict(
     path = Path(path)
     checkpoint = read_foreign_checkpoint(path)
     args = checkpoint.get("args")
-    if state_dict_key is not None:
-        if state_dict_key not in checkpoint:
-            raise ValueError(f"{path} has no entry {state_dict_key!r}; it has {sorted(map(str, checkpoint))}")
-        state, key = checkpoint[state_dict_key], state_dict_key
-    elif any(isinstance(k, str) and k.startswith(("encoder.", "module.encoder.")) for k in checkpoint):
-        state, key = checkpoint, None
-    else:
-        key = next((k for k in _STATE_DICT_KEYS if k in checkpoint), None)
-        if key is None:
-            raise ValueError(
-                f"{path} holds neither a state dict nor any of the entries {list(_STATE_DICT_KEYS)}; "
-                f"it has {sorted(map(str, checkpoint))}"
-            )
-        state = checkpoint[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"entry {key!r} of {path} is not a state dict of tensors")
-    return strip_wrapper_prefixes(state), key, args
+    state, key = select_state_dict(
+        checkpoint,
+        path,
+        key=state_dict_key,
+        entries=_STATE_DICT_KEYS,
+        is_bare=lambda c: any(isinstance(k, str) and k.startswith(("encoder.", "module.encoder.")) for k in c),
+    )
+    return state, key, args
 
 
 def _shape(state: dict[str, Tensor], key: str) -> tuple[int, ...]:
