@@ -57,6 +57,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -1467,6 +1468,20 @@ def evaluate_samples(
     return distributed.all_gather_objects(result)[0]  # type: ignore[return-value]
 
 
+def _non_rgb_files(files: list[str]) -> dict[str, int]:
+    """``{PIL mode: count}`` of the files that are not stored as RGB (headers only, nothing decoded)."""
+    counts: dict[str, int] = {}
+    for f in files:
+        try:
+            with Image.open(f) as image:
+                mode = image.mode
+        except (OSError, ValueError):
+            continue  # unreadable files stop the feature pass with their name
+        if mode != "RGB":
+            counts[mode] = counts.get(mode, 0) + 1
+    return counts
+
+
 def _reference_gaussian(stored: Gaussian | None, ref_features: Tensor | None, what: str) -> Gaussian | None:
     """The stored statistics; else those of the reference's images (as ADM); else ``None``."""
     if stored is not None:
@@ -1550,7 +1565,13 @@ def _score(
         score = inception_score(acts.logits, split_size=is_split_size, seed=is_seed)
         metrics["inception_score"], metrics["inception_score_std"] = score.mean, score.std
         counts["inception_score"] = {"samples": n, "reference": "-"}
-        if n > is_split_size and n % is_split_size:
+        if n < is_split_size:
+            notes.append(
+                f"IS: {n} samples are fewer than the split size {is_split_size}; they form one split of {n} (the "
+                "IS grows with the split size, so it is not comparable with a figure over splits of "
+                f"{is_split_size})"
+            )
+        elif n % is_split_size:
             notes.append(
                 f"IS: {n} samples are not a multiple of the split size {is_split_size}; the last split holds "
                 f"{n % is_split_size} samples (ADM's rule)"
@@ -1573,6 +1594,13 @@ def _score(
 
     # what was compared
     h, w = sample_set.image_size
+    converted = _non_rgb_files(sample_set.files) if sample_set.kind == "folder" else {}
+    if converted:
+        modes = ", ".join(f"{mode}: {count}" for mode, count in sorted(converted.items()))
+        notes.append(
+            f"{sum(converted.values())} of {n} sample files are not RGB ({modes}); they were converted to 8-bit RGB "
+            "(grayscale replicated, transparency composited over white) before scoring"
+        )
     if ref.image_size is not None and ref.image_size != sample_set.image_size:
         rh, rw = ref.image_size
         notes.append(
@@ -1605,6 +1633,7 @@ def _score(
                 "(TF1 bilinear, as the ADM evaluator's graph)"
             ),
             "sample_config": str(settings_path) if settings_path else None,
+            "converted_to_rgb": converted or None,
         },
         reference={
             "path": str(ref.path),

@@ -10,10 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fvq.evaluation.fid import frechet_distance
 from fvq.evaluation.generation import (
     Gaussian,
+    evaluate_samples,
     fid_to_reference,
     frechet_to_gaussian,
     inception_score,
@@ -21,7 +23,14 @@ from fvq.evaluation.generation import (
     open_samples,
     precision_recall,
 )
-from fvq.evaluation.inception import FEATURE_DIM, SPATIAL_DIM, find_packaged_inception, load_inception
+from fvq.evaluation.inception import (
+    FEATURE_DIM,
+    SPATIAL_DIM,
+    InceptionFeatures,
+    find_packaged_inception,
+    load_inception,
+)
+from fvq.evaluation.inception_is import ClassifierInception
 
 tm_fid = pytest.importorskip("torchmetrics.image.fid")
 tm_inception = pytest.importorskip("torchmetrics.image.inception")
@@ -223,3 +232,107 @@ def test_adm_reference_npz_round_trips(tmp_path):
     for got_stats, mu, sigma in ((ref.fid, "mu", "sigma"), (ref.sfid, "mu_s", "sigma_s")):
         assert got_stats is not None
         assert np.array_equal(got_stats.mu.numpy(), stats[mu]) and np.array_equal(got_stats.sigma.numpy(), stats[sigma])
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+
+class _FakeInception(torch.nn.Module):
+    """The FID Inception's interface at no cost: features are fixed random projections of 8x8 thumbnails."""
+
+    protocol = "fake-inception|references"
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("w_pool", torch.randn(192, FEATURE_DIM, generator=g) / 8)
+        self.register_buffer("w_spatial", torch.randn(192, SPATIAL_DIM, generator=g) / 8)
+
+    def preprocess(self, images: torch.Tensor, *, value_range=(-1.0, 1.0)) -> torch.Tensor:
+        return torch.nn.functional.interpolate(images.float() / 127.5 - 1, size=(75, 75), mode="bilinear")
+
+    def run_network(self, x: torch.Tensor) -> InceptionFeatures:
+        f = torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)  # (B, 192)
+        return InceptionFeatures(pool=(f @ self.w_pool).relu(), spatial=f @ self.w_spatial)
+
+
+@pytest.fixture
+def no_classifier(monkeypatch, tmp_path):
+    monkeypatch.delenv("FVQ_IS_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+
+def _rgb(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_grayscale_and_rgba_files_are_converted_counted_and_stated(tmp_path, no_classifier):
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    images = _rgb(6)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    Image.fromarray(images[1, ..., 0]).save(folder / "1.png")  # grayscale (L)
+    rgba = np.concatenate([images[2], np.full((16, 16, 1), 255, np.uint8)], axis=2)
+    Image.fromarray(rgba).save(folder / "2.png")  # opaque RGBA
+    Image.fromarray(np.concatenate([images[3], np.zeros((16, 16, 1), np.uint8)], axis=2)).save(folder / "3.png")
+    np.savez(tmp_path / "ref.npz", _rgb(5, seed=1))  # a reference of images only
+    m = evaluate_samples(folder, tmp_path / "ref.npz", inception=_FakeInception(), cache=False, progress=False)
+    assert m.samples["converted_to_rgb"] == {"L": 1, "RGBA": 2}
+    assert any("3 of 6 sample files are not RGB (L: 1, RGBA: 2)" in note for note in m.notes)
+    got = torch.cat(list(open_samples(folder).batches(0, 6))).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(got[1], np.repeat(images[1, ..., :1], 3, axis=2))  # grayscale replicated
+    assert np.array_equal(got[2], images[2])  # opaque alpha dropped
+    assert (got[3] == 255).all()  # fully transparent: white
+    # an all-RGB folder states nothing
+    for i in (1, 2, 3):
+        Image.fromarray(images[i]).save(folder / f"{i}.png")
+    m = evaluate_samples(folder, tmp_path / "ref.npz", inception=_FakeInception(), cache=False, progress=False)
+    assert m.samples["converted_to_rgb"] is None and not any("not RGB" in note for note in m.notes)
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (_rgb(3)[..., :1], "N x H x W x 3"),  # grayscale with a channel axis
+        (np.concatenate([_rgb(3), _rgb(3)[..., :1]], axis=3), "N x H x W x 3"),  # RGBA
+        (_rgb(3).astype(np.float64) / 255, "must be uint8"),
+        (_rgb(3).astype(np.int64), "must be uint8"),
+    ],
+)
+def test_npz_samples_and_references_of_other_layouts_are_refused(tmp_path, array, message):
+    np.savez(tmp_path / "bad.npz", array)
+    with pytest.raises(ValueError, match=message):
+        open_samples(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match=message):
+        load_reference(tmp_path / "bad.npz", cache=False)
+
+
+def test_reference_without_statistics(tmp_path, no_classifier):
+    np.savez(tmp_path / "s.npz", _rgb(8, seed=2))
+    np.savez(tmp_path / "ref.npz", _rgb(5, seed=1))  # images, no mu/sigma/mu_s/sigma_s: computed from them, stated
+    m = evaluate_samples(
+        tmp_path / "s.npz", tmp_path / "ref.npz", inception=_FakeInception(), cache=False, progress=False
+    )
+    assert "computed from the 5 arr_0 images" in m.reference["fid_statistics"]
+    assert "computed from the 5 arr_0 images" in m.reference["sfid_statistics"]
+    assert m.counts["fid"]["reference"] == 5 and m.counts["sfid"]["reference"] == 5
+    np.savez(tmp_path / "feat.npz", np.zeros((5, FEATURE_DIM), np.float32))  # features only, no statistics
+    with pytest.raises(ValueError, match="holds neither stored mu/sigma nor arr_0 images"):
+        load_reference(tmp_path / "feat.npz", cache=False)
+
+
+def test_fewer_samples_than_the_is_split_are_one_stated_split(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    classifier = ClassifierInception()
+    for p in classifier.parameters():
+        p.data.normal_(0, 0.05)
+    np.savez(tmp_path / "s.npz", _rgb(6, seed=2))
+    np.savez(tmp_path / "ref.npz", _rgb(5, seed=1))
+    kw = {"inception": _FakeInception(), "classifier": classifier, "cache": False, "progress": False}
+    m = evaluate_samples(tmp_path / "s.npz", tmp_path / "ref.npz", is_split_size=10, **kw)
+    assert m.counts["inception_score"]["samples"] == 6 and m.metrics["inception_score_std"] == 0.0
+    assert any("6 samples are fewer than the split size 10; they form one split of 6" in n for n in m.notes)
+    m = evaluate_samples(tmp_path / "s.npz", tmp_path / "ref.npz", is_split_size=4, **kw)
+    assert any("the last split holds 2 samples" in n for n in m.notes)
+    assert not any("fewer than the split size" in n for n in m.notes)
