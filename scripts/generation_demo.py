@@ -8,12 +8,12 @@ so no held-out pixel is ever trained on, neither by the tokenizer nor by the gen
     python scripts/generation_demo.py --out runs/gen_demo
 
     1. crops      OUT/crops/{train,val}/{photo}/{i:05d}.png, drawn from (seed, split, class, i); OUT/crops/split.json
-    2. tokenizer  fvq train tiny_fvq --out OUT/tokenizer data.type=folder data.path=OUT/crops max_steps=...
+    2. tokenizer  fvq train tiny_fvq_gen --out OUT/tokenizer data.path=OUT/crops
                   (or --tokenizer RUN: reuse a tokenizer, e.g. runs/demo)
     3. tokens     fvq encode OUT/crops/train --model OUT/tokenizer --out OUT/tokens/train --labels subfolders \
                       --views flip
                   fvq encode OUT/crops/val   --model OUT/tokenizer --out OUT/tokens/val   --labels subfolders
-    4. generator  fvq train gpt_tiny_c2i --out OUT/gpt tokens=OUT/tokens/train val_tokens=OUT/tokens/val ...
+    4. generator  fvq train gpt_demo_c2i --out OUT/gpt tokens=OUT/tokens/train val_tokens=OUT/tokens/val
     5. samples    fvq sample OUT/gpt --tokenizer OUT/tokenizer --out OUT/samples/cfg_S --per-class N --cfg-scale S
     6. measures   held-out bits per token against the baselines (OUT/gpt/metrics.json); nearest-class accuracy of the
                   samples per guidance scale; sampling speed with and without the KV cache; figures;
@@ -534,11 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     crops.add_argument("--val-per-class", type=int, default=256)
     crops.add_argument("--seed", type=int, default=0)
     train = parser.add_argument_group("training")
-    train.add_argument("--tokenizer-config", default="tiny_fvq")
-    train.add_argument("--tokenizer-steps", type=int, default=500)
+    train.add_argument("--tokenizer-config", default="tiny_fvq_gen")
+    train.add_argument("--tokenizer-steps", type=int, default=None, help="default: the config's (500)")
     train.add_argument("--tokenizer-set", action="append", default=[], metavar="KEY=VALUE", help="more overrides")
-    train.add_argument("--gpt-config", default="gpt_tiny_c2i")
-    train.add_argument("--gpt-steps", type=int, default=1000)
+    train.add_argument("--gpt-config", default="gpt_demo_c2i")
+    train.add_argument("--gpt-steps", type=int, default=None, help="default: the config's (800)")
     train.add_argument("--gpt-set", action="append", default=[], metavar="KEY=VALUE", help="more overrides")
     train.add_argument("--views", default="flip", help="views of the training crops (fvq encode --views)")
     sample = parser.add_argument_group("sampling and measures")
@@ -595,13 +595,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.tokenizer:
             print(f"reusing the tokenizer {args.tokenizer}")
             return
+        n = args.tokenizer_steps
+        steps = [] if n is None else [f"max_steps={n}", f"val_every={n}", f"checkpoint_every={n}"]
         fvq(
             [
                 "train", args.tokenizer_config, "--out", str(tokenizer), "--overwrite",
-                "data.type=folder", f"data.path={out / 'crops'}", "data.labels=false",
-                f"data.image_size={args.image_size}", f"max_steps={args.tokenizer_steps}",
-                f"val_every={args.tokenizer_steps}", f"checkpoint_every={args.tokenizer_steps}",
-                *args.tokenizer_set,
+                f"data.path={out / 'crops'}", f"data.image_size={args.image_size}", *steps, *args.tokenizer_set,
             ],
             commands,
         )  # fmt: skip
@@ -623,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 "train", args.gpt_config, "--out", str(out / "gpt"), "--overwrite",
                 f"tokens={out / 'tokens' / 'train'}", f"val_tokens={out / 'tokens' / 'val'}",
-                f"max_steps={args.gpt_steps}", "val_samples=null", *args.gpt_set,
+                *([] if args.gpt_steps is None else [f"max_steps={args.gpt_steps}"]), *args.gpt_set,
             ],
             commands,
         )  # fmt: skip
