@@ -23,16 +23,16 @@ The commands run in this process through :func:`fvq.cli.main` (the same argument
 printed as shell lines first, so the run shows the commands to type. ``--stages`` runs some stages only, reusing
 the outputs of the others (e.g. ``--stages samples,measures`` after changing the guidance scales).
 
-How samples are scored. Each sample is assigned the class that explains it best under two per-class models fitted on
-the held-out crops (the right-most quarters, never trained on):
+How samples are scored. Each sample is assigned the class that explains it best under per-class models, fitted
+once on the held-out crops (the right-most quarters, never trained on) and once on the training crops (what the
+models trained on):
 
 * codes: the sample's PNG is encoded by the tokenizer and its 64 codes scored under each class's code histogram
-  (``p_c(v) = (n_c(v) + 1) / (n_c + V)``, counted over the held-out tokens); the class of highest log-likelihood wins
-  (the histogram nearest in cross-entropy).
-* colours: the same over the pixels' colours quantised to 8 x 8 x 8 bins, counted over the held-out crops' pixels.
+  (``p_c(v) = (n_c(v) + 1) / (n_c + V)``, counted over the region's stored tokens); the class of highest
+  log-likelihood wins (the histogram nearest in cross-entropy).
+* colours: the same over the pixels' colours quantised to 8 x 8 x 8 bins, counted over the region's crops.
 
-The same classifiers applied to real crops of the training region (not used to fit them) give the reference
-accuracy a perfect class-conditional model would reach; chance is 1 / classes.
+The same classifiers applied to real crops of each region give the references; chance is 1 / classes.
 """
 
 from __future__ import annotations
@@ -380,46 +380,59 @@ def measure(args: argparse.Namespace, out: Path, tokenizer_path: Path, timings: 
     bits = {k.removeprefix("val/"): v for k, v in metrics.items() if k.startswith("val/")}
     tokenizer = load_model(tokenizer_path).tokenizer.eval()
 
-    # per-class models fitted on the held-out crops: code histograms (the val store's tokens) and colour histograms
-    from fvq.data.tokens import TokenDataset
+    # per-class models of each region: code histograms (the token stores, every view) and colour histograms
+    from fvq.data.tokens import TokenStore
 
-    val_store = TokenDataset(out / "tokens" / "val", split="val")
+    def store_codes(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """``(N * views, T)`` codes of every stored view and their ``(N * views,)`` labels."""
+        store = TokenStore(path)
+        codes = np.concatenate([np.asarray(store.tokens(k)) for k in range(len(store.shards))])  # (N, V, h, w)
+        views = codes.shape[1]
+        return codes.reshape(-1, codes.shape[2] * codes.shape[3]).astype(np.int64), np.repeat(store.labels, views)
+
+    val_store = TokenStore(out / "tokens" / "val")
     vocab = int(val_store.codebook_size)
-    val_codes = np.stack([val_store[i].tokens.numpy() for i in range(len(val_store))])  # (N, T)
-    val_labels = val_store.store.labels
-    code_model = class_log_probs(histogram_counts(val_codes, val_labels, num_classes, vocab))
-    val_paths, val_png_labels = crop_files(crops, "val", names)
-    colour_model = class_log_probs(
-        histogram_counts(colour_bins(read_pngs(val_paths)), val_png_labels, num_classes, COLOUR_BINS**3)
-    )
+    images_of: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    models: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for region, split_name in (("held-out", "val"), ("training", "train")):
+        codes, code_labels = store_codes(out / "tokens" / split_name)
+        paths, labels = crop_files(crops, split_name, names)
+        images_of[region] = (read_pngs(paths), labels)
+        models[region] = (
+            class_log_probs(histogram_counts(codes, code_labels, num_classes, vocab)),
+            class_log_probs(histogram_counts(colour_bins(images_of[region][0]), labels, num_classes, COLOUR_BINS**3)),
+        )
 
     def score(images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-        by_codes = nearest_class(encode_images(tokenizer, images), code_model)
-        by_colour = nearest_class(colour_bins(images), colour_model)
-        per_class = {
-            names[c]: {
-                "codes": float((by_codes[labels == c] == c).mean()),
-                "colours": float((by_colour[labels == c] == c).mean()),
-            }
-            for c in range(num_classes)
-            if (labels == c).any()
-        }
-        return {
-            "n": int(len(labels)),
-            "codes": float((by_codes == labels).mean()),
-            "colours": float((by_colour == labels).mean()),
-            "per_class": per_class,
-        }
+        """Accuracy of each classifier (fitted on each region, by codes and by colours) on ``images``."""
+        codes = encode_images(tokenizer, images)  # (N, T)
+        bins = colour_bins(images)  # (N, H * W)
+        result: dict[str, Any] = {"n": int(len(labels))}
+        for region, (code_model, colour_model) in models.items():
+            for kind, predicted in (
+                ("codes", nearest_class(codes, code_model)),
+                ("colours", nearest_class(bins, colour_model)),
+            ):
+                key = f"{region} fit, {kind}"
+                result[key] = float((predicted == labels).mean())
+                result.setdefault("per_class", {})[key] = {
+                    names[c]: float((predicted[labels == c] == c).mean()) for c in range(num_classes)
+                }
+        return result
 
-    # the reference: real crops of the training region, the first samples_per_class of each class
-    train_paths, train_labels = crop_files(crops, "train", names, limit=args.samples_per_class)
-    train_images = read_pngs(train_paths)
-    accuracy: dict[str, Any] = {"real training-region crops": score(train_images, train_labels)}
+    # real crops of each region (the first samples_per_class of each class), then the samples of each guidance scale
+    n = args.samples_per_class
+    accuracy: dict[str, Any] = {}
+    for region in ("training", "held-out"):
+        images, labels = images_of[region]
+        keep = np.concatenate([np.flatnonzero(labels == c)[:n] for c in range(num_classes)])
+        accuracy[f"real {region}-region crops"] = score(images[keep], labels[keep])
     samples: dict[float, tuple[np.ndarray, np.ndarray]] = {}
     for scale in args.cfg_scales:
         paths, labels = load_samples(out / "samples" / f"cfg_{scale:g}")
         samples[scale] = (read_pngs(paths), labels)
         accuracy[f"cfg {scale:g}"] = score(*samples[scale])
+    train_images, train_labels = images_of["training"]
 
     # sampling speed, with and without the KV cache, on the demo model
     model = GPT.from_pretrained(out / "gpt" / "model").eval()
@@ -461,6 +474,13 @@ def measure(args: argparse.Namespace, out: Path, tokenizer_path: Path, timings: 
         "tokenizer": str(tokenizer_path),
         "codebook_size": vocab,
         "grid": list(val_store.grid),
+        "classifiers": {
+            "codes": "the class c maximising sum_t log p_c(code_t) over the image's codes (the tokenizer's encoding "
+            "of its PNG), p_c(v) = (n_c(v) + 1) / (n_c + V) counted over the region's stored tokens (every view)",
+            "colours": f"the same over the pixels' colours in {COLOUR_BINS}^3 bins, counted over the region's crops",
+            "held-out fit": "fitted on the held-out crops (right-most quarters, never trained on)",
+            "training fit": "fitted on the training crops (what the tokenizer and the generator trained on)",
+        },
         "crops": {"per_class": split["per_class"], "spec": split["spec"]},
         "held_out": {k: bits[k] for k in sorted(bits) if not isinstance(bits[k], (dict, list))},
         "generator_step": metrics.get("step"),
@@ -489,11 +509,14 @@ def summary_markdown(result: dict[str, Any]) -> str:
         f"top-1 next-token accuracy {h['accuracy']:.1%} on {int(h['tokens']):,} held-out tokens "
         f"({int(h['sequences']):,} crops)",
         "",
-        "| images | n | nearest class by codes | by colours |",
-        "|---|---:|---:|---:|",
+        "| images | n | held-out fit: codes | colours | training fit: codes | colours |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, a in result["accuracy"].items():
-        lines.append(f"| {name} | {a['n']} | {a['codes']:.1%} | {a['colours']:.1%} |")
+        figures = " | ".join(
+            f"{a[f'{r} fit, {k}']:.1%}" for r in ("held-out", "training") for k in ("codes", "colours")
+        )
+        lines.append(f"| {name} | {a['n']} | {figures} |")
     lines += [
         f"\nchance: {result['chance']:.1%}",
         "",
@@ -543,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--views", default="flip", help="views of the training crops (fvq encode --views)")
     sample = parser.add_argument_group("sampling and measures")
     sample.add_argument("--cfg-scales", type=_float_list, default=[1.0, 2.0, 4.0])
-    sample.add_argument("--samples-per-class", type=int, default=32)
+    sample.add_argument("--samples-per-class", type=int, default=64)
     sample.add_argument("--speed-batch", type=int, default=8, help="images per generate() call timed")
     sample.add_argument("--speed-cfg", type=float, default=2.0, help="guidance of the second timed case")
     sample.add_argument("--speed-repeats", type=int, default=3)

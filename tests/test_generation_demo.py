@@ -84,9 +84,14 @@ def test_demo_end_to_end_at_toy_scale(demo, tmp_path):
     for key in ("bits_per_token", "class_unigram_bits", "unigram_bits", "uniform_bits", "accuracy"):
         assert math.isfinite(held_out[key]), key
     assert held_out["uniform_bits"] == pytest.approx(math.log2(64))
-    assert set(summary["accuracy"]) == {"real training-region crops", "cfg 1", "cfg 3"}
+    assert set(summary["accuracy"]) == {"real training-region crops", "real held-out-region crops", "cfg 1", "cfg 3"}
     for figures in summary["accuracy"].values():
-        assert figures["n"] == 6 and 0 <= figures["codes"] <= 1 and 0 <= figures["colours"] <= 1
+        assert figures["n"] == 6
+        for region in ("held-out", "training"):
+            for kind in ("codes", "colours"):
+                assert 0 <= figures[f"{region} fit, {kind}"] <= 1
+    # fitted on the held-out crops, the held-out crops' own colours are recognised (they sit in the fit)
+    assert summary["accuracy"]["real held-out-region crops"]["held-out fit, colours"] > 1 / 3
     for case in summary["speed"].values():
         assert case["same_tokens"] and case["kv_cache"]["tokens_per_s"] > 0 and case["recompute"]["tokens_per_s"] > 0
     assert set(summary["timings"]) == set(demo.STAGES) and summary["total_seconds"] > 0
