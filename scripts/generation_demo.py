@@ -320,7 +320,7 @@ def split_figure(crops: Path, spec: CropSpec, names: Sequence[str], path: Path) 
     from fvq.data.embedded import load_photo
     from fvq.data.transforms import resize_short_side
 
-    fig, axes = plt.subplots(1, len(names), figsize=(2.0 * len(names), 2.1), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, len(names), figsize=(1.7 * len(names), 1.8), squeeze=False, layout="constrained")
     for ax, name in zip(axes[0], names):
         photo = resize_short_side(load_photo(name), spec.base_size)
         w, h = photo.size
@@ -333,7 +333,7 @@ def split_figure(crops: Path, spec: CropSpec, names: Sequence[str], path: Path) 
         ax.set_title(name, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
