@@ -75,10 +75,20 @@ class RunConfig:
         grad_accum_steps: Micro-batches per optimizer step on each rank.
         max_steps: Optimizer steps of the whole run (the schedule's length). ``epochs`` overrides it when set.
         epochs: Train for this many passes over the data instead of ``max_steps``.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; bf16/fp16 only on CUDA).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast). fp16 needs CUDA; bf16 also runs on CPU, where
+            it is only fast on CPUs with native bf16 (AVX512-BF16 or AMX; a warning says when the CPU lacks it).
+        channels_last: Model weights and input image batches in the channels-last memory format (NHWC), which
+            convolutions prefer on tensor-core GPUs and on CPUs with oneDNN.
+        compile: ``torch.compile`` the model (for a tokenizer: its encoder and decoder; the quantizer stays eager):
+            ``false``, ``true`` or the keyword arguments of ``nn.Module.compile``, e.g. ``{mode: max-autotune}``.
+            The module is compiled in place, so state dicts keep their keys.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         seed: Base seed; rank ``r`` uses ``seed + r`` for its own randomness.
         num_workers: DataLoader workers per rank.
+        pin_memory: Pin loader batches in page-locked memory (faster, asynchronous host-to-GPU copies); ``None``
+            pins when training on CUDA.
+        persistent_workers: Keep the loader's workers alive from one epoch to the next (with ``num_workers > 0``).
+        prefetch_factor: Batches each worker loads ahead (with ``num_workers > 0``; ``None``: PyTorch's default, 2).
         log_every, val_every, checkpoint_every: Intervals in optimizer steps (0 disables).
         keep_checkpoints: How many recent checkpoints to keep.
         max_nonfinite_steps: Stop after this many consecutive steps with a non-finite loss (each is skipped).
@@ -93,9 +103,14 @@ class RunConfig:
     max_steps: int = 1000
     epochs: float | None = None
     precision: str = "fp32"
+    channels_last: bool = False
+    compile: Any = False
     device: str = "auto"
     seed: int = 0
     num_workers: int = 0
+    pin_memory: bool | None = None
+    persistent_workers: bool = False
+    prefetch_factor: int | None = None
     log_every: int = 10
     val_every: int = 500
     checkpoint_every: int = 1000
@@ -114,6 +129,14 @@ class RunConfig:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        compile_options(self.compile)  # raises on a malformed value
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor is not None and (self.prefetch_factor < 1 or self.num_workers == 0):
+            raise ValueError(
+                f"prefetch_factor must be >= 1 and needs num_workers > 0, got {self.prefetch_factor} with "
+                f"num_workers={self.num_workers}"
+            )
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
@@ -127,6 +150,24 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         return _from_dict(cls, data, path="")
+
+
+COMPILE_KEYS = ("fullgraph", "dynamic", "backend", "mode", "options")
+
+
+def compile_options(value: Any) -> dict[str, Any] | None:
+    """The keyword arguments of ``nn.Module.compile`` that a config's ``compile`` value asks for, or ``None`` for no
+    compilation: ``false`` -> ``None``, ``true`` -> ``{}``, a mapping -> itself (keys of :data:`COMPILE_KEYS`)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(COMPILE_KEYS))
+        if unknown:
+            raise ValueError(f"unknown compile key(s) {unknown}; valid keys: {list(COMPILE_KEYS)}")
+        return dict(value)
+    raise ValueError(f"compile must be true, false or a mapping such as {{mode: max-autotune}}, got {value!r}")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import math
 import random
 import time
@@ -49,8 +50,24 @@ from fvq.distributed import (
 from fvq.quantizers.base import trusted_values
 from fvq.runs import RunFolder, load_checkpoint, save_checkpoint
 from fvq.training.checkpoint import rng_state, set_rng_state
+from fvq.training.config import compile_options
 from fvq.training.logging import MetricLogger
 from fvq.training.lr_schedule import AnnealingSchedule
+
+logger = logging.getLogger(__name__)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX), as oneDNN reports it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: ask the kernel
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = f.read()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class NonFiniteLossError(RuntimeError):
@@ -268,8 +285,14 @@ class Engine:
                 f"x grad_accum_steps ({config.grad_accum_steps})"
             )
         self.micro_batch_size = micro
-        if config.precision != "fp32" and self.device.type != "cuda":
-            raise ValueError(f"precision={config.precision} needs CUDA; use precision=fp32 on CPU")
+        if config.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("precision=fp16 needs CUDA; use precision=fp32 or bf16 on CPU")
+        if config.precision == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16():
+            logger.warning(
+                "precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): autocast emulates it, usually "
+                "slower than fp32"
+            )
+        self.memory_format = torch.channels_last if config.channels_last else torch.preserve_format
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
         self.task: TrainingTask | None = None
@@ -294,8 +317,28 @@ class Engine:
         """Per-rank seeds after the model is built: data randomness differs by rank."""
         seed_process(self.config.seed + self.ctx.rank)
 
-    def wrap(self, model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
-        """``model`` in DDP when several processes run (buffers are not broadcast: modules keep their own in sync)."""
+    def wrap(
+        self,
+        model: nn.Module,
+        find_unused_parameters: bool = False,
+        compile_units: Sequence[nn.Module] | None = None,
+    ) -> nn.Module:
+        """``model`` prepared for training: in the config's memory format, its ``compile_units`` (default: the whole
+        model) compiled in place when the config asks, and in DDP when several processes run (buffers are not
+        broadcast: modules keep their own in sync).
+
+        Args:
+            model: The trained module, on the engine's device.
+            find_unused_parameters: DDP's option (for models whose steps leave some parameters without gradient).
+            compile_units: The submodules to compile with ``compile: true`` (e.g. the convolutional parts of a
+                model whose other parts change their control flow from step to step).
+        """
+        self.prepare(model)
+        options = compile_options(self.config.compile)
+        if options is not None:
+            for unit in [model] if compile_units is None else compile_units:
+                # nn.Module.compile compiles in place: the state dict keeps its keys (no ``_orig_mod.`` prefix)
+                unit.compile(**options)
         if not self.ctx.distributed:
             return model
         return DistributedDataParallel(
@@ -304,6 +347,29 @@ class Engine:
             broadcast_buffers=False,
             find_unused_parameters=find_unused_parameters,
         )
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        """``module`` (in place) in the config's memory format: channels-last 4-d weights with ``channels_last``.
+        Call it on every module that sees the images (e.g. a loss with its own networks); :meth:`wrap` calls it on
+        the model, before any DDP wrapping, whose gradient buckets follow the parameters' layout."""
+        if self.memory_format is not torch.preserve_format:
+            module.to(memory_format=self.memory_format)
+        return module
+
+    def to_memory_format(self, batch: Any) -> Any:
+        """``batch`` with every 4-d tensor in the config's memory format (inside tuples, named tuples, lists and
+        dicts too); the batch itself without ``channels_last``."""
+        if self.memory_format is torch.preserve_format:
+            return batch
+        if isinstance(batch, Tensor):
+            return batch.contiguous(memory_format=self.memory_format) if batch.ndim == 4 else batch
+        if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+            return type(batch)(self.to_memory_format(item) for item in batch)
+        if isinstance(batch, tuple):  # a named tuple
+            return type(batch)(*(self.to_memory_format(item) for item in batch))
+        if isinstance(batch, dict):
+            return {key: self.to_memory_format(value) for key, value in batch.items()}
+        return batch
 
     def shard(self, model: nn.Module, units: Sequence[nn.Module] = ()) -> nn.Module:
         """``model`` sharded with FSDP2 when several processes run: each of ``units`` (e.g. transformer blocks) gets
@@ -334,7 +400,9 @@ class Engine:
             seed=cfg.seed,
             num_workers=cfg.num_workers,
             drop_last=True,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda" if cfg.pin_memory is None else cfg.pin_memory,
+            persistent_workers=cfg.persistent_workers,
+            prefetch_factor=cfg.prefetch_factor,
         )
         self.steps_per_epoch = len(self.train_loader) // cfg.grad_accum_steps
         if self.steps_per_epoch < 1:
@@ -528,7 +596,7 @@ class Engine:
             batches: list[Any] = []
             produced = offset
             for batch in self.train_loader:
-                batches.append(self.task.to_batch(batch, self.device))
+                batches.append(self.to_memory_format(self.task.to_batch(batch, self.device)))
                 if len(batches) == accum:
                     yield batches
                     batches = []

@@ -52,9 +52,14 @@ class TokenizerTask:
         # the model is built from the same seed on every rank; data randomness then differs by rank
         engine.seed_model()
         tokenizer = Tokenizer.from_config({"model": config.model, "quantizer": config.quantizer}).to(device)
-        self.loss = TokenizerLoss(**vars(config.loss)).to(device)
+        self.loss = engine.prepare(TokenizerLoss(**vars(config.loss)).to(device))  # its networks see the images
         engine.seed_data()
-        self.model = engine.wrap(tokenizer, find_unused_parameters=tokenizer.quantizer.may_leave_parameters_unused)
+        # compile: true compiles the convolutional encoder and decoder; the quantizer's search stays eager
+        self.model = engine.wrap(
+            tokenizer,
+            find_unused_parameters=tokenizer.quantizer.may_leave_parameters_unused,
+            compile_units=(tokenizer.encoder, tokenizer.decoder),
+        )
 
         scale = config.global_batch_size / config.optim.base_batch_size
         # fused Adam: one kernel over all parameters (about 8x faster than the per-tensor loop on CPU)
