@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "quantizers": ("fvq.bench.quantizers", "forward + backward time and peak memory of every quantizer family"),
     "generator": ("fvq.bench.generator", "GPT training tokens/s and model-FLOP utilisation vs the sgemm peak"),
     "sampling": ("fvq.bench.sampling", "GPT sampling tokens/s with CFG, KV cache vs full recomputation"),
+    "step": ("fvq.bench.step", "profile of one tokenizer training step and one validation, by part"),
 }
 
 
