@@ -6,7 +6,8 @@ raw codebook, so every code receives gradient through the shared map, not only t
 * :class:`IdentityProjector` - no map (plain VQ), for symmetry in configs.
 * :class:`LinearProjector` - one shared linear map, as SimVQ (Zhu et al., 2024, https://arxiv.org/abs/2411.02038)
   and VQGAN-LC.
-* :class:`MLPProjector` - a stack of linear layers with activations; depth 5 is the paper's "MLP-5" baseline.
+* :class:`MLPProjector` - a stack of linear layers with activations; depth 5 with ReLU is the paper's "MLP-5" baseline
+  (the authors' ``QBridge_MLP_5``: five ``Linear(D, D)`` with ReLU between them).
 * :class:`~fvq.quantizers.vq_bridge.VQBridge` - the FVQ projector (its own module).
 """
 
@@ -51,35 +52,46 @@ class IdentityProjector(nn.Module):
 
 
 class LinearProjector(nn.Module):
-    """``f(C) = C W^T (+ b)``: one shared ``D x D`` linear map (SimVQ / VQGAN-LC).
+    """``f(C) = C W^T (+ b)``: one shared linear map (SimVQ / VQGAN-LC).
 
     Args:
-        codebook_dim: D.
+        codebook_dim: D, the channels of the mapped codebook.
         bias: Whether the map has a bias.
+        input_dim: Channels of the raw codebook (default D). VQGAN-LC keeps a frozen codebook of pretrained features of
+            their own width and learns this map from it to the encoder's D.
+
+    Shapes: ``(K, input_dim) -> (K, D)``.
     """
 
-    def __init__(self, codebook_dim: int, bias: bool = True) -> None:
+    def __init__(self, codebook_dim: int, bias: bool = True, input_dim: int | None = None) -> None:
         super().__init__()
         self.codebook_dim = codebook_dim
-        self.linear = nn.Linear(codebook_dim, codebook_dim, bias=bias)
+        self.input_dim = codebook_dim if input_dim is None else input_dim
+        if self.input_dim < 1:
+            raise ValueError(f"LinearProjector input_dim must be >= 1, got {input_dim}")
+        self.linear = nn.Linear(self.input_dim, codebook_dim, bias=bias)
 
     def forward(self, codebook: Tensor) -> Tensor:
-        _check_codebook(codebook, self.codebook_dim, type(self).__name__)
+        _check_codebook(codebook, self.input_dim, type(self).__name__)
         return self.linear(codebook)  # (K, D)
 
     def cost(self, codebook_size: int) -> ProjectorCost:
         params = sum(p.numel() for p in self.parameters())
-        return ProjectorCost(params=params, macs=codebook_size * self.codebook_dim * self.codebook_dim)
+        return ProjectorCost(params=params, macs=codebook_size * self.input_dim * self.codebook_dim)
 
 
 class MLPProjector(nn.Module):
     """A stack of ``depth`` linear layers with an activation between them (the paper's MLP-5 for ``depth=5``).
 
+    The defaults are the MLP-5 baseline as the authors coded it (``QBridge_MLP_5``): five ``Linear(D, D)`` layers
+    with PyTorch's default init and ReLU between them. In a config, ``activation`` is a name
+    (``relu`` | ``gelu`` | ``silu`` | ``tanh``).
+
     Args:
         codebook_dim: D (input and output channels).
         depth: Number of linear layers (>= 1).
         hidden_dim: Width of the hidden layers (D by default).
-        activation: Activation class inserted between layers.
+        activation: Activation class inserted between layers (ReLU, the authors' choice).
     """
 
     def __init__(
@@ -87,7 +99,7 @@ class MLPProjector(nn.Module):
         codebook_dim: int,
         depth: int = 5,
         hidden_dim: int | None = None,
-        activation: type[nn.Module] = nn.GELU,
+        activation: type[nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
         if depth < 1:

@@ -4,7 +4,7 @@ A config is plain data (a dict, e.g. from YAML), the source of truth for a quant
 
     {"type": "vq", "codebook_size": 4096, "codebook_dim": 256,
      "projector": {"type": "vq_bridge", "group_size": 16}}
-    {"type": "residual", "num_quantizers": 4, "shared_codebook": True,
+    {"type": "residual", "num_quantizers": 4, "shared_codebook": True, "codebook_loss": "cumulative",
      "quantizer": {"type": "vq", "codebook_size": 16384, "codebook_dim": 256, "projector": {"type": "vq_bridge"}}}
     {"type": "grouped", "num_groups": 4, "codebook_dim": 256, "quantizer": {"type": "vq", "codebook_size": 4096}}
     {"type": "multiscale", "scales": [1, 2, 3, 4, 5, 6, 8, 10, 13, 16],
@@ -26,6 +26,7 @@ from torch import nn
 
 from fvq.quantizers.base import Quantizer
 from fvq.quantizers.bsq import BinarySphericalQuantizer
+from fvq.quantizers.feature_init import check_kmeans_source, feature_dim
 from fvq.quantizers.fsq import FiniteScalarQuantizer
 from fvq.quantizers.grouped import GroupedQuantizer, group_dim
 from fvq.quantizers.lfq import LookupFreeQuantizer
@@ -92,20 +93,35 @@ def _construct(cls: type, name: str, kind: str, kwargs: dict[str, Any], reserved
     return cls(**kwargs)
 
 
-def build_projector(config: str | Mapping[str, Any], codebook_size: int, codebook_dim: int) -> nn.Module:
+def build_projector(
+    config: str | Mapping[str, Any], codebook_size: int, codebook_dim: int, input_dim: int | None = None
+) -> nn.Module:
     """Build a codebook projector from ``"name"`` or ``{"type": name, **kwargs}``.
 
-    ``codebook_size`` and ``codebook_dim`` are passed to the projector when its constructor takes them; giving them in
-    the config is allowed only if they agree.
+    ``codebook_size`` and ``codebook_dim`` (and ``input_dim`` when the raw codebook is wider or narrower than D) are
+    passed to the projector when its constructor takes them; giving them in the config is allowed only if they agree.
 
     Args:
         config: Projector name (``identity``, ``linear``, ``mlp``, ``vq_bridge``) or dict.
         codebook_size: K of the quantizer the projector serves.
         codebook_dim: D of the quantizer the projector serves.
+        input_dim: Channels of the raw codebook when they differ from D (a codebook of encoder features); only
+            projectors with an ``input_dim`` argument (``linear``) can map them.
     """
     name, kwargs = _split_type(config, PROJECTORS, "projector")
     cls = PROJECTORS[name]
     params = inspect.signature(cls).parameters
+    if input_dim is not None and input_dim != codebook_dim:
+        if "input_dim" not in params:
+            raise ValueError(
+                f"the raw codebook has {input_dim} channels (its k-means features) but codebook_dim is {codebook_dim}; "
+                f"projector {name!r} maps D -> D only: use projector {{type: linear}} (VQGAN-LC)"
+            )
+        if kwargs.get("input_dim", input_dim) != input_dim:
+            raise ValueError(
+                f"projector {name!r} has input_dim={kwargs['input_dim']} but the features have {input_dim}"
+            )
+        kwargs["input_dim"] = input_dim
     for key, value in (("codebook_size", codebook_size), ("codebook_dim", codebook_dim)):
         if key in kwargs and kwargs[key] != value:
             raise ValueError(f"projector {name!r} has {key}={kwargs[key]} but its quantizer has {key}={value}")
@@ -138,7 +154,9 @@ def _check_keys(kwargs: dict[str, Any], valid: tuple[str, ...], owner: str) -> N
 
 def _build_residual(kwargs: dict[str, Any]) -> Quantizer:
     sub = _sub_config(kwargs, "residual")
-    _check_keys(kwargs, ("num_quantizers", "shared_codebook", "quantizer_dropout", "dropout_seed"), "residual")
+    _check_keys(
+        kwargs, ("num_quantizers", "shared_codebook", "quantizer_dropout", "dropout_seed", "codebook_loss"), "residual"
+    )
     if "num_quantizers" not in kwargs:
         raise ValueError("'residual' config needs 'num_quantizers' (number of depths)")
     n = int(kwargs["num_quantizers"])
@@ -151,6 +169,7 @@ def _build_residual(kwargs: dict[str, Any]) -> Quantizer:
         num_quantizers=n,
         quantizer_dropout=float(kwargs.get("quantizer_dropout", 0.0)),
         dropout_seed=int(kwargs.get("dropout_seed", 0)),
+        codebook_loss=str(kwargs.get("codebook_loss", "cumulative")),
     )
 
 
@@ -214,7 +233,12 @@ def build_quantizer(config: Mapping[str, Any]) -> Quantizer:
         missing = [k for k in ("codebook_size", "codebook_dim") if k not in kwargs]
         if missing:
             raise ValueError(f"quantizer {name!r} with a projector needs keys {missing}")
-        kwargs["projector"] = build_projector(kwargs["projector"], kwargs["codebook_size"], kwargs["codebook_dim"])
+        input_dim = None
+        if kwargs.get("kmeans_init") and kwargs.get("kmeans_source", "latents") != "latents":
+            input_dim = feature_dim(check_kmeans_source(kwargs["kmeans_source"]))
+        kwargs["projector"] = build_projector(
+            kwargs["projector"], kwargs["codebook_size"], kwargs["codebook_dim"], input_dim=input_dim
+        )
     return _construct(cls, name, "quantizer", kwargs)
 
 

@@ -7,8 +7,19 @@ https://arxiv.org/abs/2107.03312). With one shared :class:`~fvq.quantizers.vq.Ve
 sharing one bridged codebook, losses averaged over depths).
 
 ``r_0 = z``; for depth ``d``: ``q_d = Q_d(r_{d-1})``, ``r_d = r_{d-1} - sg[q_d]``; the output is ``sum_d q_d`` with a
-straight-through gradient to ``z``. Each depth's own losses (commitment to its residual, codebook term) train the
-encoder through the residuals and the codebook(s).
+straight-through gradient to ``z``. Each depth's commitment term ``||r_{d-1} - sg[q_d]||^2 = ||z - sg[Q_d]||^2``
+(``Q_d = sum_{j<=d} q_j``) trains the encoder.
+
+The codebook term has two forms (``codebook_loss``):
+
+* ``"cumulative"`` (default; RQ-VAE's and the FVQ authors' form): ``mean_d ||Q_d - sg[z]||^2``. The partial sum
+  ``Q_d`` is differentiable in every code it contains, so the codes of depth ``j`` also learn from the errors left at
+  every later depth ``d >= j``.
+* ``"per_depth"``: ``mean_d ||q_d - sg[r_{d-1}]||^2``, each depth's own VQ codebook term; a code learns only from the
+  depth that chose it.
+
+Both give the same gradient to the encoder and the same value at depth 0; the commitment term is the same in both
+(the authors' ``||sg[Q_d] - z||^2`` equals each depth's commitment to its residual).
 """
 
 from __future__ import annotations
@@ -16,12 +27,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fvq.quantizers.base import Quantizer, QuantizerOutput, channels_last_flat
+from fvq.quantizers.base import Quantizer, QuantizerOutput, channels_last_flat, restore_layout
 from fvq.quantizers.functional import straight_through
 
 DROPPED_INDEX = -1
+CODEBOOK_LOSSES = ("cumulative", "per_depth")
 
 
 def _check_sub_quantizers(quantizers: Sequence[Quantizer], owner: str) -> tuple[int, int]:
@@ -57,6 +70,10 @@ class ResidualQuantizer(Quantizer):
         dropout_seed: Seed of the dropout draws. They come from a generator of this module that :meth:`set_step`
             reseeds from ``(dropout_seed, step)``: every rank draws the same depth (ranks must run the same
             collectives and report the same metrics) and a resumed run draws what the uninterrupted one drew.
+        codebook_loss: ``"cumulative"`` (default, RQ-VAE and the FVQ authors) or ``"per_depth"``; see the module
+            docstring. Applies to depths whose quantizer has a ``codebook`` loss term (gradient-trained VQ codebooks);
+            the cumulative form computes each such depth's mapped codebook once more per forward pass (once per
+            module when shared), to take the partial sums differentiably.
 
     Outputs: ``indices`` ``(B, H, W, num_quantizers)`` or ``(N, num_quantizers)``; ``losses`` and ``loss`` are the
     means over the depths run of each depth's terms; ``metrics`` hold ``depth{d}/usage``, ``depth{d}/perplexity`` and
@@ -74,8 +91,11 @@ class ResidualQuantizer(Quantizer):
         num_quantizers: int | None = None,
         quantizer_dropout: float = 0.0,
         dropout_seed: int = 0,
+        codebook_loss: str = "cumulative",
     ) -> None:
         super().__init__()
+        if codebook_loss not in CODEBOOK_LOSSES:
+            raise ValueError(f"codebook_loss must be one of {CODEBOOK_LOSSES}, got {codebook_loss!r}")
         if isinstance(quantizer, Quantizer):
             if num_quantizers is None or num_quantizers < 1:
                 raise ValueError(f"num_quantizers must be >= 1 with one shared quantizer, got {num_quantizers}")
@@ -97,6 +117,7 @@ class ResidualQuantizer(Quantizer):
         self.codes_per_position = num_quantizers
         self.quantizer_dropout = quantizer_dropout
         self.dropout_seed = int(dropout_seed)
+        self.codebook_loss = codebook_loss
         self._dropout_generator = torch.Generator().manual_seed(self.dropout_seed)
 
     def quantizer_at(self, depth: int) -> Quantizer:
@@ -129,14 +150,27 @@ class ResidualQuantizer(Quantizer):
         total = torch.zeros_like(z)
         indices, losses_per_depth, loss_sum = [], [], z.new_zeros((), dtype=torch.float32)
         metrics: dict[str, Tensor] = {}
+        cumulative = self.codebook_loss == "cumulative"
+        partial: Tensor | None = None  # Q_d = sum_{j<=d} q_j, differentiable in the codebooks (cumulative form only)
+        mapped: dict[int, Tensor] = {}  # mapped codebook per module, computed once per forward when it has a projector
         for d in range(depths):
-            out = self.quantizer_at(d)(residual)
+            layer = self.quantizer_at(d)
+            out = layer(residual)
             q = out.quantized.detach()  # value of this depth; its gradient path is the depth's own losses
             total = total + q
             residual = residual - q  # keeps the gradient to z for the next depth's commitment term
             indices.append(out.indices)
-            losses_per_depth.append(out.losses)
-            loss_sum = loss_sum + out.loss
+            losses, loss = out.losses, out.loss
+            if cumulative and "codebook" in losses and hasattr(layer, "codebook_vectors"):
+                q_d = self._differentiable_codes(layer, out.indices, mapped)  # like z
+                partial = q_d if partial is None else partial + q_d  # (B, D, H, W) or (N, D)
+                own = losses["codebook"]
+                losses = {**losses, "codebook": F.mse_loss(partial.float(), z.detach().float())}
+                loss = loss + getattr(layer, "codebook_weight", 1.0) * (losses["codebook"] - own)
+            elif cumulative:
+                partial = q if partial is None else partial + q
+            losses_per_depth.append(losses)
+            loss_sum = loss_sum + loss
             for key, value in out.metrics.items():
                 metrics[f"depth{d}/{key}"] = value
             metrics[f"depth{d}/residual"] = residual.detach().float().square().mean()
@@ -157,6 +191,21 @@ class ResidualQuantizer(Quantizer):
             losses=losses,
             metrics=metrics,
         )
+
+    @staticmethod
+    def _differentiable_codes(layer: Quantizer, indices: Tensor, mapped: dict[int, Tensor]) -> Tensor:
+        """``q_d`` looked up in ``layer``'s mapped codebook with its graph, laid out like the input.
+
+        The mapped codebook is taken after the depth's forward pass (after any k-means init or restart, which happen
+        before its search). With a projector nothing writes the raw codebook during a forward pass, so it is computed
+        once per module and reused by the later depths of a shared codebook; without one it is the cheap raw codebook.
+        """
+        key = id(layer)
+        if getattr(layer, "projector", None) is None or key not in mapped:
+            mapped[key] = layer.codebook_vectors()  # (K, D)
+        codes = mapped[key]
+        flat = codes.index_select(0, indices.reshape(-1))  # (N, D)
+        return restore_layout(flat, tuple(indices.shape))
 
     @torch.no_grad()
     def encode(self, z: Tensor) -> Tensor:
@@ -196,11 +245,13 @@ class ResidualQuantizer(Quantizer):
             num_quantizers=self.num_quantizers,
             quantizer_dropout=self.quantizer_dropout,
             dropout_seed=self.dropout_seed,
+            codebook_loss=self.codebook_loss,
         )
         return exported.train(self.training)
 
     def extra_repr(self) -> str:
         return (
             f"num_quantizers={self.num_quantizers}, shared={self.shared}, codebook_size={self.codebook_size}, "
-            f"codebook_dim={self.codebook_dim}, quantizer_dropout={self.quantizer_dropout}"
+            f"codebook_dim={self.codebook_dim}, quantizer_dropout={self.quantizer_dropout}, "
+            f"codebook_loss={self.codebook_loss!r}"
         )

@@ -9,11 +9,16 @@ Codebook dynamics and objectives, each off by default (the default is the plain 
 
 * ``codebook_update="ema"``: EMA codebook (van den Oord et al., 2017; Razavi et al., 2019),
   :mod:`fvq.quantizers.codebook_dynamics`.
-* ``kmeans_init=True``: k-means codebook initialisation on the first batches, :mod:`fvq.quantizers.kmeans`.
+* ``kmeans_init=True``: k-means codebook initialisation on the first batches, :mod:`fvq.quantizers.kmeans`; with
+  ``kmeans_source={"type": "features", ...}`` on the features of a pretrained image encoder instead (VQGAN-LC),
+  :mod:`fvq.quantizers.feature_init`.
+* ``freeze_codebook=True``: the raw codebook is a buffer that no optimizer sees (SimVQ, VQGAN-LC: a frozen codebook
+  and a trained projector).
 * ``restart_strategy="random" | "highest_error" | "split"``: dead-code restarts,
   :mod:`fvq.quantizers.codebook_dynamics`.
 * ``estimator="ste" | "rotation" | "ibq" | "soft" | "gumbel"``: gradient estimator, :mod:`fvq.quantizers.estimators`.
-* ``entropy_weight``, ``orthogonality_weight``, ``variance_weight``, ``covariance_weight``: auxiliary objectives,
+* ``entropy_weight``, ``orthogonality_weight``, ``variance_weight``, ``covariance_weight``,
+  ``variance_hinge_weight``, ``repulsion_weight``, ``contrastive_weight``: auxiliary objectives,
   :mod:`fvq.quantizers.objectives`.
 
 Data-dependent codebook changes (k-means, restarts, EMA) happen only in training mode, are computed identically or on
@@ -50,11 +55,15 @@ from fvq.quantizers.estimators import (
     rotation_trick,
     soft_quantize,
 )
+from fvq.quantizers.feature_init import check_kmeans_source, feature_codebook, feature_dim, source_features
 from fvq.quantizers.functional import straight_through
 from fvq.quantizers.kmeans import SEEDINGS, kmeans
 from fvq.quantizers.objectives import (
     codebook_covariance_loss,
+    codebook_repulsion_loss,
+    codebook_variance_hinge_loss,
     codebook_variance_loss,
+    contrastive_codebook_loss,
     orthogonality_loss,
     soft_assignment_entropy,
 )
@@ -72,7 +81,9 @@ class VectorQuantizer(Quantizer):
     Losses (unweighted in ``losses``, weighted in ``loss``): ``codebook = mean((z_q - sg[z])^2)`` and
     ``commitment = mean((sg[z_q] - z)^2)``, weighted by ``codebook_weight`` and ``commitment_weight``. Optional terms,
     present only when their weight is non-zero: ``entropy`` (``sample_entropy - entropy_diversity_weight *
-    batch_entropy`` of soft assignments), ``orthogonality``, ``codebook_variance``, ``codebook_covariance``.
+    batch_entropy`` of soft assignments), ``orthogonality``, ``codebook_variance``, ``codebook_covariance``,
+    ``codebook_variance_hinge``, ``repulsion``, ``contrastive``. With a frozen codebook and no projector there is no
+    ``codebook`` term (nothing it could train).
 
     Args:
         codebook_size: Number of codes K.
@@ -86,7 +97,7 @@ class VectorQuantizer(Quantizer):
         init_scale: Scale of the initialisation; ``None`` means ``1 / codebook_size`` (the published FVQ init).
         projector: Optional module mapping the raw ``(K, D)`` codebook to the ``(K, D)`` codebook used for search and
             lookup (``LinearProjector``, ``MLPProjector``, ``VQBridge``), trained jointly. Not combinable with EMA
-            updates, k-means init or restarts, which write code vectors directly.
+            updates, k-means init on latents or restarts, which write code vectors directly during training.
         max_chunk_bytes: Memory bound of one distance block in the nearest-code search (and of the ``N x K`` logits
             blocks of the soft estimators and the entropy term).
         estimator: Gradient through the assignment in training: ``"ste"`` (straight-through), ``"rotation"``
@@ -107,6 +118,16 @@ class VectorQuantizer(Quantizer):
             collected in any case; the batches' outputs use the initial codebook until then).
         kmeans_max_samples: Cap on the pooled latents (random subset); ``None``: all.
         kmeans_seeding: ``"kmeans++"`` or ``"random"``.
+        kmeans_source: What k-means clusters: ``"latents"`` (this quantizer's inputs) or a features source
+            ``{"type": "features", "encoder": "vgg16", "layer": ..., "images": {dataset config}, "num_images": ...,
+            "batch_size": ..., "seed": ...}`` (VQGAN-LC; see :mod:`fvq.quantizers.feature_init`). Features are
+            computed on the first training forward pass, before any search, so they may seed the raw codebook of a
+            projector; the raw codebook then has the features' width C, and ``C != codebook_dim`` needs a projector
+            mapping C to D (the config builder gives a ``linear`` projector ``input_dim=C``).
+        freeze_codebook: Keep the raw codebook fixed: it is a buffer (same state-dict key), so no optimizer updates
+            it; initialisation (random, or k-means when ``kmeans_init``) still writes it once. With a projector the
+            codebook loss trains the projector (SimVQ: frozen codebook + linear projector). Refused with EMA updates
+            and restarts, which exist to move codes.
         restart_strategy: ``None`` (no restarts), ``"random"``, ``"highest_error"`` or ``"split"``.
         restart_threshold: A code is dead when its EMA usage (assignments per step over all ranks) is below this.
         restart_every: Check for dead codes every this many training steps.
@@ -121,6 +142,14 @@ class VectorQuantizer(Quantizer):
         variance_weight: Weight of the VICReg variance hinge on the codebook (0: not computed).
         variance_target: Target per-dimension std of the codebook.
         covariance_weight: Weight of the VICReg covariance term on the codebook (0: not computed).
+        variance_hinge_weight: Weight of the plain variance hinge ``max(0, gamma - Var)`` on the codebook (0: not
+            computed).
+        variance_hinge_target: gamma, the target mean per-dimension variance of the codebook.
+        repulsion_weight: Weight of the Gaussian-kernel repulsion between codes (0: not computed).
+        repulsion_temperature: tau of ``exp(-||e_i - e_j||^2 / tau)``.
+        repulsion_max_codes: Codes subsampled per step for the repulsion term.
+        contrastive_weight: Weight of the InfoNCE term between each input and its assigned code (0: not computed).
+        contrastive_temperature: tau of the InfoNCE logits ``z . e_k / tau``.
     """
 
     # The config keys that :meth:`export` keeps: everything else (projector, EMA, k-means, restarts, estimators,
@@ -173,6 +202,15 @@ class VectorQuantizer(Quantizer):
         variance_weight: float = 0.0,
         variance_target: float = 1.0,
         covariance_weight: float = 0.0,
+        variance_hinge_weight: float = 0.0,
+        variance_hinge_target: float = 1.0,
+        repulsion_weight: float = 0.0,
+        repulsion_temperature: float = 1.0,
+        repulsion_max_codes: int = 1024,
+        contrastive_weight: float = 0.0,
+        contrastive_temperature: float = 0.07,
+        kmeans_source: str | dict = "latents",
+        freeze_codebook: bool = False,
     ) -> None:
         super().__init__()
         if codebook_size < 1:
@@ -183,6 +221,8 @@ class VectorQuantizer(Quantizer):
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        features_source = check_kmeans_source(kmeans_source)
+        raw_dim = codebook_dim if features_source is None else feature_dim(features_source)
         _check_options(
             projector=projector,
             estimator=estimator,
@@ -197,6 +237,14 @@ class VectorQuantizer(Quantizer):
             kmeans_max_samples=kmeans_max_samples,
             kmeans_seeding=kmeans_seeding,
             restart_strategy=restart_strategy,
+            features_source=features_source,
+            freeze_codebook=freeze_codebook,
+            raw_dim=raw_dim,
+            codebook_dim=codebook_dim,
+            temperatures={
+                "repulsion_temperature": repulsion_temperature,
+                "contrastive_temperature": contrastive_temperature,
+            },
             weights={
                 "commitment_weight": commitment_weight,
                 "codebook_weight": codebook_weight,
@@ -204,6 +252,9 @@ class VectorQuantizer(Quantizer):
                 "orthogonality_weight": orthogonality_weight,
                 "variance_weight": variance_weight,
                 "covariance_weight": covariance_weight,
+                "variance_hinge_weight": variance_hinge_weight,
+                "repulsion_weight": repulsion_weight,
+                "contrastive_weight": contrastive_weight,
             },
         )
         self.codebook_size = codebook_size
@@ -234,9 +285,19 @@ class VectorQuantizer(Quantizer):
         self.variance_weight = variance_weight
         self.variance_target = variance_target
         self.covariance_weight = covariance_weight
+        self.variance_hinge_weight = variance_hinge_weight
+        self.variance_hinge_target = variance_hinge_target
+        self.repulsion_weight = repulsion_weight
+        self.repulsion_temperature = repulsion_temperature
+        self.repulsion_max_codes = repulsion_max_codes
+        self.contrastive_weight = contrastive_weight
+        self.contrastive_temperature = contrastive_temperature
+        self.features_source = features_source
+        self.freeze_codebook = freeze_codebook
+        self.raw_dim = raw_dim
 
         scale = 1.0 / codebook_size if init_scale is None else init_scale
-        weight = torch.empty(codebook_size, codebook_dim)
+        weight = torch.empty(codebook_size, raw_dim)
         if init == "uniform":
             nn.init.uniform_(weight, -scale, scale)
         else:
@@ -246,6 +307,8 @@ class VectorQuantizer(Quantizer):
             self.register_buffer("codebook", weight)  # raw codebook C, (K, D)
             self.register_buffer("ema_cluster_size", torch.ones(codebook_size))  # N, (K,): one pseudo-count per code
             self.register_buffer("ema_embed_sum", weight.clone())  # M, (K, D): so that M / N = C at the start
+        elif freeze_codebook:
+            self.register_buffer("codebook", weight)  # raw codebook C, (K, raw_dim): no optimizer sees it
         else:
             self.codebook = nn.Parameter(weight)  # raw codebook C, (K, D)
         self.projector = projector
@@ -273,10 +336,10 @@ class VectorQuantizer(Quantizer):
     def codebook_vectors(self) -> Tensor:
         """The codebook used for search and lookup, ``(K, D)``: ``f(C)`` with a projector, else ``C``."""
         codes = self.codebook if self.projector is None else self.projector(self.codebook)
-        if codes.shape != self.codebook.shape:
+        if codes.shape != (self.codebook_size, self.codebook_dim):
             raise RuntimeError(
-                f"projector must map the ({self.codebook_size}, {self.codebook_dim}) codebook to the same shape, "
-                f"got {tuple(codes.shape)}"
+                f"projector must map the ({self.codebook_size}, {self.raw_dim}) raw codebook to "
+                f"({self.codebook_size}, {self.codebook_dim}), got {tuple(codes.shape)}"
             )
         if self.distance == "cosine":
             codes = F.normalize(codes, dim=-1)
@@ -307,7 +370,7 @@ class VectorQuantizer(Quantizer):
         nearest = nearest_codes(flat, codes, self.max_chunk_bytes)  # (N,)
         quantized, indices = self._estimate(flat, codes, nearest)  # (N, D), (N,)
         z_q = codes.index_select(0, indices).to(flat.dtype)  # (N, D), differentiable w.r.t. the codebook
-        losses = self._losses(flat, z_q, codes)
+        losses = self._losses(flat, z_q, codes, nearest)
         loss = weighted_total(losses, self._loss_weights(), like=flat.float())
         metrics = batch_code_metrics(indices, self.codebook_size)
         if self.training:
@@ -340,10 +403,10 @@ class VectorQuantizer(Quantizer):
         quantized, sampled = gumbel_quantize(flat, codes, tau, self.max_chunk_bytes)  # "gumbel"
         return quantized.to(flat.dtype), sampled
 
-    def _losses(self, flat: Tensor, z_q: Tensor, codes: Tensor) -> dict[str, Tensor]:
+    def _losses(self, flat: Tensor, z_q: Tensor, codes: Tensor, nearest: Tensor) -> dict[str, Tensor]:
         """Named unweighted loss terms; terms with weight 0 are not computed."""
         losses: dict[str, Tensor] = {}
-        if self.codebook_update == "gradient":
+        if self.codebook_update == "gradient" and not (self.freeze_codebook and self.projector is None):
             losses["codebook"] = F.mse_loss(z_q.float(), flat.detach().float())
         losses["commitment"] = F.mse_loss(flat.float(), z_q.detach().float())
         if self.entropy_weight:
@@ -355,6 +418,14 @@ class VectorQuantizer(Quantizer):
             losses["codebook_variance"] = codebook_variance_loss(codes, self.variance_target)
         if self.covariance_weight:
             losses["codebook_covariance"] = codebook_covariance_loss(codes)
+        if self.variance_hinge_weight:
+            losses["codebook_variance_hinge"] = codebook_variance_hinge_loss(codes, self.variance_hinge_target)
+        if self.repulsion_weight:
+            losses["repulsion"] = codebook_repulsion_loss(codes, self.repulsion_temperature, self.repulsion_max_codes)
+        if self.contrastive_weight:
+            losses["contrastive"] = contrastive_codebook_loss(
+                flat, codes, nearest, self.contrastive_temperature, self.max_chunk_bytes
+            )
         return losses
 
     def _loss_weights(self) -> dict[str, float]:
@@ -365,6 +436,9 @@ class VectorQuantizer(Quantizer):
             "orthogonality": self.orthogonality_weight,
             "codebook_variance": self.variance_weight,
             "codebook_covariance": self.covariance_weight,
+            "codebook_variance_hinge": self.variance_hinge_weight,
+            "repulsion": self.repulsion_weight,
+            "contrastive": self.contrastive_weight,
         }
 
     # ---- codebook dynamics (training mode only) ----------------------------------------------------------------
@@ -382,7 +456,11 @@ class VectorQuantizer(Quantizer):
         return 0
 
     def _kmeans_step(self, flat: Tensor) -> None:
-        """Pool this batch's latents; once enough are pooled (rank 0 decides), run k-means there and broadcast."""
+        """Pool this batch's latents; once enough are pooled (rank 0 decides), run k-means there and broadcast.
+        With a features source, compute the features and cluster them at once instead."""
+        if self.features_source is not None:
+            self._features_step(flat.device)
+            return
         self._kmeans_pool.append(flat.detach().float())
         self._kmeans_pool_batches += 1
         pooled = sum(x.shape[0] for x in self._kmeans_pool)
@@ -393,7 +471,7 @@ class VectorQuantizer(Quantizer):
         broadcast_(ready)  # every rank follows rank 0, which holds the samples
         if not bool(ready):
             return
-        centroids = torch.zeros(self.codebook_size, self.codebook_dim, device=flat.device)  # (K, D)
+        centroids = torch.zeros(self.codebook_size, self.raw_dim, device=flat.device)  # (K, raw_dim)
         counts = torch.zeros(self.codebook_size, device=flat.device)  # (K,)
         if is_main_process():
             samples = torch.cat(self._kmeans_pool)  # (S, D)
@@ -421,6 +499,30 @@ class VectorQuantizer(Quantizer):
         self.initted.fill_(True)
         self._kmeans_pool = []
         self._kmeans_pool_batches = 0
+
+    def _features_step(self, device: torch.device) -> None:
+        """VQGAN-LC init: features of the source's encoder and images on rank 0, clustered, broadcast, written once."""
+        centroids = torch.zeros(self.codebook_size, self.raw_dim, device=device)  # (K, C)
+        if is_main_process():
+            source = self.features_source
+            features = source_features(source, device)  # (N, C) on the CPU
+            centroids.copy_(
+                feature_codebook(
+                    features,
+                    self.codebook_size,
+                    iters=self.kmeans_iters,
+                    seeding=self.kmeans_seeding,
+                    max_samples=self.kmeans_max_samples,
+                    seed=source["seed"],
+                    max_chunk_bytes=self.max_chunk_bytes,
+                )
+            )
+        broadcast_(centroids)
+        self.codebook.data.copy_(centroids.to(self.codebook.dtype))
+        if self.codebook_update == "ema":
+            self.ema_cluster_size.fill_(1.0)  # one pseudo-count each, so M / N = the feature codebook
+            self.ema_embed_sum.copy_(centroids)
+        self.initted.fill_(True)
 
     def _apply_restart(self, plan: RestartPlan) -> None:
         """Write reseeded codes (identical on every rank) into the codebook and, with EMA, its statistics."""
@@ -509,6 +611,11 @@ def _check_options(
     kmeans_seeding: str,
     restart_strategy: str | None,
     weights: dict[str, float],
+    features_source: dict | None = None,
+    freeze_codebook: bool = False,
+    raw_dim: int | None = None,
+    codebook_dim: int | None = None,
+    temperatures: dict[str, float] | None = None,
 ) -> None:
     """Refuse unknown names, out-of-range values and combinations that cannot work together."""
     if estimator not in ESTIMATORS:
@@ -532,12 +639,50 @@ def _check_options(
     for name, value in weights.items():
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    for name, value in (temperatures or {}).items():
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    if features_source is not None and not kmeans_init:
+        raise ValueError(
+            "kmeans_source is a features source but kmeans_init is False: set kmeans_init=True to initialise the "
+            "codebook from the features (or drop kmeans_source)"
+        )
+    if raw_dim is not None and raw_dim != codebook_dim and projector is None:
+        raise ValueError(
+            f"the features of kmeans_source have {raw_dim} channels but codebook_dim is {codebook_dim}: add a "
+            f"projector mapping {raw_dim} -> {codebook_dim} (VQGAN-LC: projector {{type: linear}}, whose input_dim "
+            "the config builder fills in), or pick a feature layer with codebook_dim channels"
+        )
+    if freeze_codebook:
+        movers = [
+            name
+            for name, on in (
+                ("codebook_update='ema'", codebook_update == "ema"),
+                (f"restart_strategy={restart_strategy!r}", restart_strategy is not None),
+            )
+            if on
+        ]
+        if movers:
+            raise ValueError(
+                f"freeze_codebook=True cannot be combined with {', '.join(movers)}: those exist to move code vectors, "
+                "a frozen codebook never moves after its initialisation; drop one of them"
+            )
+        if projector is None:
+            trainers = [n for n in ("orthogonality_weight", "variance_weight", "covariance_weight") if weights[n] > 0]
+            trainers += [n for n in ("variance_hinge_weight", "repulsion_weight") if weights.get(n, 0) > 0]
+            if estimator == "ibq":
+                trainers.append("estimator='ibq'")
+            if trainers:
+                raise ValueError(
+                    f"{', '.join(trainers)} train the codebook by gradient, but freeze_codebook=True without a "
+                    "projector leaves nothing to train; add a projector (SimVQ: linear) or drop them"
+                )
     if projector is not None:
         writers = [
             name
             for name, on in (
                 ("codebook_update='ema'", codebook_update == "ema"),
-                ("kmeans_init=True", kmeans_init),
+                ("kmeans_init=True", kmeans_init and features_source is None),
                 (f"restart_strategy={restart_strategy!r}", restart_strategy is not None),
             )
             if on
@@ -555,6 +700,7 @@ def _check_options(
                 "but codebook_update='ema' makes the codebook a buffer; use codebook_update='gradient'"
             )
         geometry = [n for n in ("orthogonality_weight", "variance_weight", "covariance_weight") if weights[n] > 0]
+        geometry += [n for n in ("variance_hinge_weight", "repulsion_weight") if weights.get(n, 0) > 0]
         if geometry:
             raise ValueError(
                 f"{', '.join(geometry)} > 0 shape the codebook by gradient, but codebook_update='ema' makes it a "

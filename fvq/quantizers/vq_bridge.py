@@ -29,9 +29,25 @@ BLOCK_TYPES = ("vit", "dit")
 EXPAND_INITS = ("zeros", "xavier")
 
 
+MAX_DEFAULT_GROUP_SIZE = 64
+
+
 def default_group_size(codebook_size: int) -> int:
-    """Published group sizes: 16 code vectors per token up to K = 16,384, 64 above."""
-    return 16 if codebook_size <= 16_384 else 64
+    """Code vectors per bridge token when none is given: ``K / 1,024`` (1,024 tokens), capped at 64.
+
+    The paper's group-size ablation (Section 4.3, Figure 6 right) finds 4 codes per group best at K = 4,096 and 16 at
+    K = 16,384, and scales the group with the codebook (x4 per x4 in K); the published configurations use 64 at
+    K = 65,536 and keep 64 at K = 262,144 (4,096 tokens), which the cap reproduces. So: 4,096 -> 4, 16,384 -> 16,
+    65,536 -> 64, 262,144 -> 64. Smaller codebooks get groups of 1 (K tokens, at most 1,024). The value is the largest
+    power of two not above that target which divides K, so any K gets a valid group; pass ``group_size`` to choose.
+    """
+    if codebook_size < 1:
+        raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
+    target = min(MAX_DEFAULT_GROUP_SIZE, max(1, codebook_size // 1024))
+    group = 1 << (target.bit_length() - 1)  # largest power of two <= target
+    while codebook_size % group:
+        group //= 2
+    return group
 
 
 def sincos_embedding(num_tokens: int, dim: int) -> Tensor:
@@ -118,7 +134,8 @@ class VQBridge(nn.Module):
     Args:
         codebook_size: K; must be divisible by ``group_size``.
         codebook_dim: D.
-        group_size: Code vectors compressed into one token (default: 16 for K <= 16,384, else 64).
+        group_size: Code vectors compressed into one token (default :func:`default_group_size`: K / 1,024 capped at
+            64, i.e. 4 at K = 4,096, 16 at 16,384, 64 at 65,536 and 262,144).
         hidden_dim: Token width d' of the ViT blocks (256).
         depth: Number of blocks (2).
         num_heads: Attention heads (4).

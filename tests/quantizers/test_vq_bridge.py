@@ -25,11 +25,15 @@ def test_macs_match_paper_table_10(codebook_size, group_size, paper_gmacs):
     assert abs(gmacs - paper_gmacs) / paper_gmacs < 0.01
 
 
-def test_default_group_sizes():
-    assert default_group_size(4096) == 16
+def test_default_group_sizes_follow_the_ablation_and_published_configs():
+    # paper: 4 per group best at K = 4k, 16 at 16k, x4 per x4 in K; published: 64 at 65k and at 262k
+    assert default_group_size(4096) == 4
     assert default_group_size(16_384) == 16
     assert default_group_size(65_536) == 64
-    assert VQBridge(1024, 8, hidden_dim=16).group_size == 16
+    assert default_group_size(262_144) == 64
+    assert default_group_size(1024) == 1 and default_group_size(64) == 1
+    assert default_group_size(12_000) == 8  # largest power of two <= K / 1,024 dividing K
+    assert VQBridge(8192, 8, hidden_dim=16).group_size == 8
 
 
 @pytest.mark.parametrize("block", ["vit", "dit"])
