@@ -8,6 +8,10 @@ uses one more than the encoder). Level ``i`` works at ``1 / 2**i`` of the input 
 factor is ``2 ** (len(ch_mult) - 1)``; LlamaGen puts attention only at the last (lowest-resolution) level, the
 16x16 level for VQ-16 at 256 px.
 
+VAR's VQVAE (Tian et al., 2024, ``models/vqvae.py``) puts a 3x3 convolution ``z_channels -> z_channels`` right before
+the quantizer and another right after it. ``latent_conv_kernel_size`` adds them here: ``latent_conv`` is the encoder's
+last layer and the decoder's first (absent, and the state dict unchanged, when it is ``None``).
+
 State-dict keys match LlamaGen's: ``conv_in``, ``conv_blocks.{level}.res.{j}``, ``conv_blocks.{level}.attn.{j}``,
 ``conv_blocks.{level}.downsample.conv`` / ``upsample.conv``, ``mid.{0,1,2}``, ``norm_out``, ``conv_out``. In the
 decoder, ``conv_blocks.0`` is the lowest-resolution level.
@@ -35,6 +39,13 @@ def _check_levels(ch_mult: Sequence[int], attn_levels: Sequence[int] | None) -> 
     return ch_mult, attn
 
 
+def latent_conv(channels: int, kernel_size: int) -> nn.Conv2d:
+    """``channels -> channels`` convolution with "same" padding (VAR's ``quant_conv`` / ``post_quant_conv``)."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"latent_conv_kernel_size must be a positive odd int or None, got {kernel_size!r}")
+    return nn.Conv2d(channels, channels, kernel_size=kernel_size, stride=1, padding=kernel_size // 2)
+
+
 class Encoder(nn.Module):
     """Image -> latent feature map.
 
@@ -48,6 +59,8 @@ class Encoder(nn.Module):
         mid_attention: Attention between the two middle residual blocks (LlamaGen: yes).
         norm_groups: GroupNorm groups (32 in LlamaGen); must divide every width.
         dropout: Dropout inside the residual blocks.
+        latent_conv_kernel_size: When set, a ``z_channels -> z_channels`` convolution of this (odd) kernel after
+            ``conv_out``: VAR's 3x3 ``quant_conv``. ``None`` (LlamaGen): none.
 
     Shapes: ``(B, in_channels, H, W) -> (B, z_channels, H / f, W / f)`` with ``f = 2 ** (len(ch_mult) - 1)``.
     """
@@ -64,6 +77,7 @@ class Encoder(nn.Module):
         mid_attention: bool = True,
         norm_groups: int = 32,
         dropout: float = 0.0,
+        latent_conv_kernel_size: int | None = None,
     ) -> None:
         super().__init__()
         ch_mult, attn_levels = _check_levels(ch_mult, attn_levels)
@@ -102,6 +116,8 @@ class Encoder(nn.Module):
         )
         self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, z_channels, kernel_size=3, stride=1, padding=1)
+        if latent_conv_kernel_size is not None:
+            self.latent_conv = latent_conv(z_channels, latent_conv_kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)  # (B, ch, H, W)
@@ -115,7 +131,10 @@ class Encoder(nn.Module):
         for layer in self.mid:
             h = layer(h)  # (B, C_last, H / f, W / f)
         h = F.silu(self.norm_out(h))  # (B, C_last, H / f, W / f)
-        return self.conv_out(h)  # (B, z_channels, H / f, W / f)
+        h = self.conv_out(h)  # (B, z_channels, H / f, W / f)
+        if hasattr(self, "latent_conv"):
+            h = self.latent_conv(h)  # (B, z_channels, H / f, W / f), VAR's quant_conv
+        return h
 
 
 class Decoder(nn.Module):
@@ -131,6 +150,8 @@ class Decoder(nn.Module):
         mid_attention: Attention between the two middle residual blocks.
         norm_groups: GroupNorm groups; must divide every width.
         dropout: Dropout inside the residual blocks.
+        latent_conv_kernel_size: When set, a ``z_channels -> z_channels`` convolution of this (odd) kernel before
+            ``conv_in``: VAR's 3x3 ``post_quant_conv``. ``None`` (LlamaGen): none.
 
     Shapes: ``(B, z_channels, h, w) -> (B, out_channels, h * f, w * f)`` with ``f = 2 ** (len(ch_mult) - 1)``.
     """
@@ -147,6 +168,7 @@ class Decoder(nn.Module):
         mid_attention: bool = True,
         norm_groups: int = 32,
         dropout: float = 0.0,
+        latent_conv_kernel_size: int | None = None,
     ) -> None:
         super().__init__()
         ch_mult, attn_levels = _check_levels(ch_mult, attn_levels)
@@ -159,6 +181,8 @@ class Decoder(nn.Module):
         self.upsample_factor = 2 ** (len(ch_mult) - 1)
 
         block_in = ch * ch_mult[-1]
+        if latent_conv_kernel_size is not None:
+            self.latent_conv = latent_conv(z_channels, latent_conv_kernel_size)
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
         self.mid = nn.ModuleList(
             [
@@ -193,6 +217,8 @@ class Decoder(nn.Module):
         return self.conv_out.weight
 
     def forward(self, z: Tensor) -> Tensor:
+        if hasattr(self, "latent_conv"):
+            z = self.latent_conv(z)  # (B, z_channels, h, w), VAR's post_quant_conv
         h = self.conv_in(z)  # (B, C_last, h, w)
         for layer in self.mid:
             h = layer(h)  # (B, C_last, h, w)

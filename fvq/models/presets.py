@@ -13,6 +13,15 @@ Presets:
 * ``small_f8`` / ``small_f16``: a quarter-width, one-block-per-level variant for quick GPU runs.
 * ``tiny_f4`` / ``tiny_f8``: CPU-sized models for tests and smoke runs on 32-64 px crops (ch 32, one residual block per
   level, attention only in the middle, GroupNorm(8)).
+* ``var_vqvae``: VAR's VQVAE (Tian et al., 2024; ``build_vae_var`` in github.com/FoundationVision/VAR): the same
+  taming layout as VQ-16 at ch 160, ch_mult (1, 1, 2, 2, 4), 2 residual blocks per encoder level and 3 per decoder
+  level, attention at the 16x16 level and in the middle, GroupNorm(32), z_channels ``Cvae`` = 32, and 3x3 convolutions
+  ``Cvae -> Cvae`` right before and after the quantizer (``latent_conv_kernel_size: 3``). 256 px -> 16x16x32 latents,
+  the input of VAR's multi-scale quantizer (scales 1 ... 16). fvq's tokenizer keeps its 1x1 ``quant_conv`` /
+  ``post_quant_conv`` (``Cvae -> D``) between these convolutions and the quantizer: at D = 32 they are two extra
+  linear maps VAR does not have; at D = 256 (FVQ (VAR), Table 4) they widen the latents to the codebook.
+* ``tiny_var_f4``: ``tiny_f4`` with VAR's latent layout (z_channels 32, 3x3 convolutions around the quantizer), for
+  the multi-scale runs on 32 px crops (8x8 latents, scales 1 ... 8).
 """
 
 from __future__ import annotations
@@ -33,7 +42,10 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "mid_attention": True,
     "norm_groups": 32,
     "dropout": 0.0,
+    "latent_conv_kernel_size": None,  # None: no convolution around the quantizer besides the 1x1 ones (LlamaGen)
 }
+# keys left out of a resolved config while they hold their default, so configs saved before they existed stay equal
+_OMITTED_WHEN_DEFAULT = ("latent_conv_kernel_size",)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "vq16": {"ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "z_channels": 256},
@@ -63,6 +75,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         "z_channels": 64,
         "attn_levels": [],
         "norm_groups": 8,
+    },
+    "var_vqvae": {
+        "ch": 160,
+        "ch_mult": [1, 1, 2, 2, 4],
+        "num_res_blocks": 2,
+        "decoder_num_res_blocks": 3,
+        "z_channels": 32,
+        "attn_levels": [4],
+        "mid_attention": True,
+        "norm_groups": 32,
+        "latent_conv_kernel_size": 3,
+    },
+    "tiny_var_f4": {
+        "ch": 32,
+        "ch_mult": [1, 2, 2],
+        "num_res_blocks": 1,
+        "decoder_num_res_blocks": 1,
+        "z_channels": 32,
+        "attn_levels": [],
+        "norm_groups": 8,
+        "latent_conv_kernel_size": 3,
     },
 }
 
@@ -100,6 +133,9 @@ def resolve_model_config(config: dict[str, Any]) -> dict[str, Any]:
     if full["attn_levels"] is None:
         full["attn_levels"] = [len(full["ch_mult"]) - 1]
     full["attn_levels"] = [int(i) for i in full["attn_levels"]]
+    for key in _OMITTED_WHEN_DEFAULT:
+        if full[key] is None:
+            del full[key]
     return full
 
 
@@ -123,6 +159,7 @@ def build_autoencoder(config: dict[str, Any]) -> tuple[Encoder, Decoder]:
         "mid_attention": cfg["mid_attention"],
         "norm_groups": cfg["norm_groups"],
         "dropout": cfg["dropout"],
+        "latent_conv_kernel_size": cfg.get("latent_conv_kernel_size"),
     }
     encoder = Encoder(in_channels=cfg["in_channels"], num_res_blocks=cfg["num_res_blocks"], **shared)
     decoder = Decoder(out_channels=cfg["in_channels"], num_res_blocks=cfg["decoder_num_res_blocks"], **shared)
