@@ -1,4 +1,5 @@
-"""The fused AVX2 nearest-code kernel: tile, chunk and thread edges, exact ties, strides, fallbacks, the build cache."""
+"""The fused nearest-code kernels (AVX2; AVX-512, skipped without AVX-512F): tile, chunk and thread edges, exact ties,
+strides, fallbacks, the build cache."""
 
 import os
 import subprocess
@@ -10,13 +11,15 @@ import torch
 from search_kernels import use_search_kernel
 
 from fvq.quantizers import nearest_codes
-from fvq.quantizers.search import blocked
+from fvq.quantizers.search import blocked, dispatch, reference
 from fvq.quantizers.search import fused as fused_search
 
 
-@pytest.fixture(autouse=True)
-def fused(monkeypatch):
-    use_search_kernel(monkeypatch, "fused")
+@pytest.fixture(autouse=True, params=["avx2", "avx512"])
+def fused(request, monkeypatch):
+    """Each fused kernel through ``FVQ_SEARCH_KERNEL`` (the AVX-512 one skips on CPUs without AVX-512F)."""
+    use_search_kernel(monkeypatch, request.param)
+    return request.param
 
 
 def _brute_force(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -32,9 +35,11 @@ def _integer_data(n, k, d, seed, high=3):
     )
 
 
-# N off the 6-row tiles and the 4,096-row chunks of a thread, K off the 16-code tiles and the 256-code chunks
+# N off the 6- and 12-row tiles and the 4,096-row chunks of a thread, K off the 16- and 32-code tiles and the
+# 256-code chunks
 @pytest.mark.parametrize(
-    "n,k,d", [(1, 1, 1), (5, 15, 3), (7, 17, 4), (13, 255, 5), (61, 257, 8), (4099, 300, 2), (8200, 33, 3)]
+    "n,k,d",
+    [(1, 1, 1), (5, 15, 3), (7, 17, 4), (13, 255, 5), (61, 257, 8), (25, 31, 3), (4099, 300, 2), (8200, 33, 3)],
 )
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_exact_on_integer_data_at_every_edge(n, k, d, threads):
@@ -52,7 +57,7 @@ def test_ties_go_to_the_lowest_index_across_lanes_tiles_and_chunks():
     d = 4
     codebook = torch.full((700, d), 40.0)
     target = torch.tensor([1.0, -2.0, 0.5, 3.0])
-    for first in (699, 600, 300, 256, 255, 17, 16, 15, 8, 7, 1, 0):  # ever lower copies of one code
+    for first in (699, 600, 300, 256, 255, 33, 32, 31, 17, 16, 15, 8, 7, 1, 0):  # ever lower copies of one code
         codebook[first] = target
         assert nearest_codes(target.expand(9, d).clone(), codebook).tolist() == [first] * 9
 
@@ -65,6 +70,17 @@ def test_identical_codes_tie_exactly_on_continuous_data():
         codebook[j] = codebook[3]
     z = codebook[3] + 1e-3 * torch.randn(50, 256, generator=gen)
     assert nearest_codes(z, codebook).tolist() == [3] * 50
+
+
+def test_continuous_data_matches_the_fixed_order_reference(fused):
+    # the kernels' distances are the fixed-order FMA chain of fvq.quantizers.search.reference, bit for bit
+    gen = torch.Generator().manual_seed(8)
+    z, codebook = torch.randn(150, 48, generator=gen), torch.randn(333, 48, generator=gen)
+    sq = blocked._squared_norms(codebook)
+    expected = reference.reference_argmin(z, codebook, sq)
+    assert torch.equal(fused_search.nearest_codes_fused(z, codebook, sq, kernel=fused), expected)
+    near = codebook[torch.arange(150) % 333] + 1e-4 * torch.randn(150, 48, generator=gen)  # near-ties to a code
+    assert torch.equal(nearest_codes(near, codebook), reference.reference_argmin(near, codebook, sq))
 
 
 def test_continuous_data_agrees_with_the_blocked_search(monkeypatch):
@@ -108,19 +124,21 @@ def test_non_finite_or_overflowing_inputs_take_the_blocked_search():
 
 def test_kernel_choice_is_checked(monkeypatch):
     monkeypatch.setenv("FVQ_SEARCH_KERNEL", "fast")
-    with pytest.raises(ValueError, match=r"FVQ_SEARCH_KERNEL must be one of auto, fused, blocked; got 'fast'"):
+    with pytest.raises(
+        ValueError, match=r"FVQ_SEARCH_KERNEL must be one of auto, fused, avx2, avx512, blocked, coarse; got 'fast'"
+    ):
         nearest_codes(torch.randn(2, 3), torch.randn(4, 3))
 
 
-def test_forced_fused_kernel_refuses_other_devices():
+def test_forced_fused_kernel_refuses_other_devices(fused):
     with pytest.raises(fused_search.FusedKernelUnavailable, match="CPU only, not meta"):
-        fused_search.wanted(torch.device("meta"))
+        dispatch.forced(torch.device("meta"), fused)
 
 
-def test_build_is_cached_and_atomic(tmp_path):
-    first = fused_search.build(tmp_path)
+def test_build_is_cached_and_atomic(tmp_path, fused):
+    first = fused_search.build(tmp_path, kernel=fused)
     stamp = first.stat().st_mtime_ns
-    assert fused_search.build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert fused_search.build(tmp_path, kernel=fused) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial files left
 
 
@@ -148,46 +166,40 @@ def test_failed_build_leaves_no_temporary_file(tmp_path, monkeypatch):
     assert list(target_dir.iterdir()) == []  # the half-written output was removed, nothing renamed into place
 
 
-def test_unavailable_kernel_falls_back_in_auto_and_fails_when_forced(tmp_path, monkeypatch):
-    monkeypatch.setattr(fused_search, "_library", None)
-    monkeypatch.setattr(fused_search, "_failure", None)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+def test_unavailable_kernel_falls_back_in_auto_and_fails_when_forced(tmp_path, monkeypatch, fused):
+    monkeypatch.setattr(fused_search, "_libraries", {})
+    monkeypatch.setattr(fused_search, "_failures", {})
+    monkeypatch.setattr(dispatch, "_warned", set())
     monkeypatch.setenv("FVQ_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     z, codebook = _integer_data(30, 50, 3, seed=6)
     monkeypatch.setenv("FVQ_SEARCH_KERNEL", "auto")
-    with pytest.warns(UserWarning, match="fused nearest-code kernel is unavailable, using the blocked search"):
-        assert torch.equal(nearest_codes(z, codebook), _brute_force(z, codebook))
+    if fused == "avx2":
+        with pytest.warns(UserWarning, match="fused nearest-code kernel is unavailable, using the blocked search"):
+            assert torch.equal(nearest_codes(z, codebook), _brute_force(z, codebook))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the failure is reported once a process
+        warnings.simplefilter("error")  # the failure is reported once a process (never for unverified kernels)
         assert torch.equal(nearest_codes(z, codebook), _brute_force(z, codebook))
-    monkeypatch.setenv("FVQ_SEARCH_KERNEL", "fused")
-    with pytest.raises(fused_search.FusedKernelUnavailable, match="FVQ_SEARCH_KERNEL=fused.*could not build"):
+    assert dispatch.last_choice().kernel == "blocked"
+    monkeypatch.setenv("FVQ_SEARCH_KERNEL", fused)
+    with pytest.raises(fused_search.FusedKernelUnavailable, match=f"FVQ_SEARCH_KERNEL={fused}.*could not build"):
         nearest_codes(z, codebook)
 
 
-def test_auto_leaves_avx512_cpus_to_the_blocked_search(monkeypatch):
-    monkeypatch.setenv("FVQ_SEARCH_KERNEL", "auto")
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert not fused_search.wanted(torch.device("cpu"))
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert fused_search.wanted(torch.device("cpu"))
-
-
-def test_scratch_memory_is_small():
+def test_scratch_memory_is_small(fused):
     # the kernel holds no distance block: a few MiB of packed queries and codes per thread, whatever K is
     code = (
         "import torch; from fvq.bench import search as b; from fvq.quantizers import nearest_codes; "
         "z = torch.randn(8192, 256); c = torch.randn(65536, 256); m = b.PeakMemory(torch.device('cpu')); "
         "m.start(); nearest_codes(z, c); print(m.stop())"
     )
-    env = dict(os.environ, FVQ_SEARCH_KERNEL="fused")
+    env = dict(os.environ, FVQ_SEARCH_KERNEL=fused)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) < 48 * 2**20
 
 
-def test_direct_calls_check_shapes_and_out():
+def test_direct_calls_check_shapes_and_out(fused):
     z, codebook = _integer_data(10, 20, 3, seed=7)
     sq = blocked._squared_norms(codebook)
     with pytest.raises(ValueError, match=r"expects z \(N, D\), codebook \(K, D\).*\(10, 3\), \(20, 4\)"):
@@ -195,5 +207,5 @@ def test_direct_calls_check_shapes_and_out():
     with pytest.raises(ValueError, match=r"out must be a contiguous \(10,\) int64 CPU tensor, got \(9,\)"):
         fused_search.nearest_codes_fused(z, codebook, sq, out=torch.empty(9, dtype=torch.long))
     out = torch.empty(10, dtype=torch.long)
-    assert fused_search.nearest_codes_fused(z, codebook, sq, out=out) is out
+    assert fused_search.nearest_codes_fused(z, codebook, sq, out=out, kernel=fused) is out
     assert torch.equal(out, _brute_force(z, codebook))

@@ -1,19 +1,23 @@
-"""The fused CPU kernel of the nearest-code search: distances and argmin in one pass, for AVX2 + FMA CPUs.
+"""The fused CPU kernels of the nearest-code search: distances and argmin in one pass.
 
 The blocked search (:mod:`fvq.quantizers.search.blocked`) computes distances block by block with sgemm and reduces
-each block while it is in cache. On CPUs whose widest vector unit is AVX2 (AMD Zen, Intel before AVX-512) a kernel of
-its own does better: a 6 x 16 register tile of distances is folded into running minima before it ever reaches memory,
-so no pass over a distance block is left to make (``kernels/nearest_codes_avx2.c``; docs/benchmarks.md has the
-figures).
+each block while it is in cache. The fused kernels do better on CPUs where they have been measured: a register tile
+of distances is folded into running minima before it ever reaches memory, so no pass over a distance block is left to
+make (docs/benchmarks.md has the figures). There are two, with the same arithmetic (every distance is the augmented
+dot product ``[-2 z, 1] . [c, ||c||^2]`` summed in index order from 0, one fused multiply-add per term, so both give
+the distances of :func:`fvq.quantizers.search.reference.reference_distances` bit for bit):
 
-The C source ships with the package and is compiled on first use with the system C compiler (``$CC``, else ``cc``
-or ``gcc``) into a cache folder (``$FVQ_CACHE_DIR``, else ``$XDG_CACHE_HOME/fvq`` or ``~/.cache/fvq``), keyed by the
-source, the compiler and its flags; later processes load the cached library. It is called through ``ctypes`` with
-the GIL released and runs ``torch.get_num_threads()`` threads of its own.
+* ``avx2`` (``kernels/nearest_codes_avx2.c``): AVX2 + FMA, a 6 x 16 tile of 8-lane vectors;
+* ``avx512`` (``kernels/nearest_codes_avx512.c``): AVX-512F, a 12 x 32 tile of 16-lane vectors. Its exactness tests
+  have not yet run on an AVX-512 CPU, so it is not in :data:`VERIFIED_KERNELS` and the measured dispatch never picks
+  it; ``FVQ_SEARCH_KERNEL=avx512`` forces it (docs/benchmarks.md says how to verify it).
 
-``FVQ_SEARCH_KERNEL`` picks the kernel: ``auto`` (default: the fused kernel where torch reports AVX2 as the CPU's
-widest capability and the kernel builds, the blocked sgemm search elsewhere), ``fused`` (always; an error where it
-cannot run) or ``blocked`` (never).
+Each C source ships with the package and is compiled on first use with the system C compiler (``$CC``, else ``cc``
+or ``gcc``) into its own shared object in a cache folder (``$FVQ_CACHE_DIR``, else ``$XDG_CACHE_HOME/fvq`` or
+``~/.cache/fvq``), keyed by the source, the compiler and its flags; later processes load the cached library. Building
+does not need the ISA, running does. A kernel is called through ``ctypes`` with the GIL released and runs
+``torch.get_num_threads()`` threads of its own. Which kernel a search uses is decided in
+:mod:`fvq.quantizers.search.dispatch`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,21 +37,80 @@ from torch import Tensor
 
 from fvq.weights import atomic_path
 
-SOURCE = Path(__file__).with_name("kernels") / "nearest_codes_avx2.c"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-pthread")
-KERNEL_ENV = "FVQ_SEARCH_KERNEL"
-KERNEL_CHOICES = ("auto", "fused", "blocked")
+_KERNEL_DIR = Path(__file__).with_name("kernels")
+_COMMON_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
+
+
+@dataclass(frozen=True)
+class FusedKernel:
+    """One fused kernel: its C source, the ISA flags it is compiled with, and the CPU flags it needs to run."""
+
+    name: str
+    source: Path
+    isa_flags: tuple[str, ...]
+    cpu_flags: tuple[str, ...]  # as /proc/cpuinfo spells them
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return (_COMMON_FLAGS[0], *self.isa_flags, *_COMMON_FLAGS[1:])
+
+
+KERNELS = {
+    "avx2": FusedKernel("avx2", _KERNEL_DIR / "nearest_codes_avx2.c", ("-mavx2", "-mfma"), ("avx2", "fma")),
+    "avx512": FusedKernel("avx512", _KERNEL_DIR / "nearest_codes_avx512.c", ("-mavx512f", "-mfma"), ("avx512f",)),
+}
+# Kernels whose exactness tests (tests/quantizers/test_fused_search.py, test_search.py) have passed on a CPU with
+# their ISA. Only these take part in the measured choice of ``auto``. ``avx512`` has been compiled (its build is
+# tested everywhere) but never run: add it here once ``FVQ_SEARCH_KERNEL=avx512`` passes those tests on an AVX-512
+# CPU (docs/benchmarks.md, "Verifying the AVX-512 kernel").
+VERIFIED_KERNELS = frozenset({"avx2"})
+# kept for callers of the AVX2 kernel's build
+SOURCE = KERNELS["avx2"].source
+FLAGS = KERNELS["avx2"].flags
 # distances below this bound cannot overflow fp32 (3.4e38) in any order of summation, with room for rounding
 _FINITE_BOUND = 1e37
 
 
 class FusedKernelUnavailable(RuntimeError):
-    """The fused kernel cannot run here (no compiler, a failed build, or a CPU without AVX2 + FMA)."""
+    """A fused kernel cannot run here (no compiler, a failed build, or a CPU without its ISA)."""
 
 
 _lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_failure: str | None = None
+_libraries: dict[str, ctypes.CDLL] = {}
+_failures: dict[str, str] = {}
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``unknown CPU`` where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def cpu_supports(kernel: str) -> bool:
+    """Whether this CPU has the ISA of ``kernel``: by ``/proc/cpuinfo`` flags, else by torch's CPU capability."""
+    flags = cpu_flags()
+    if flags:
+        return all(f in flags for f in KERNELS[kernel].cpu_flags)
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability == "AVX512" if kernel == "avx512" else capability in ("AVX2", "AVX512")
 
 
 def cache_dir() -> Path:
@@ -70,8 +133,10 @@ def _compiler_version(cc: str) -> str:
     return done.stdout
 
 
-def build(target_dir: Path | None = None) -> Path:
-    """Compile the kernel (unless a build of the same source, compiler and flags is cached) and return its path.
+def build(target_dir: Path | None = None, kernel: str = "avx2") -> Path:
+    """Compile ``kernel`` (unless a build of the same source, compiler and flags is cached) and return its path.
+
+    Compiling needs only the compiler, not a CPU with the kernel's ISA.
 
     The library is written under a temporary name and renamed into place, so a process never loads a half-written
     file, and processes building at once do not disturb each other.
@@ -82,89 +147,61 @@ def build(target_dir: Path | None = None) -> Path:
     cc = _compiler()
     if cc is None:
         raise FusedKernelUnavailable("no C compiler found (set $CC, or install gcc)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + "\0".join((cc, *FLAGS, _compiler_version(cc))).encode()).hexdigest()[:16]
+    spec = KERNELS[kernel]
+    source = spec.source.read_bytes()
+    key = hashlib.sha256(source + "\0".join((cc, *spec.flags, _compiler_version(cc))).encode()).hexdigest()[:16]
     folder = target_dir or cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         folder = Path(tempfile.gettempdir()) / f"fvq-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
         folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"nearest_codes_avx2-{key}.so"
+    target = folder / f"{spec.source.stem}-{key}.so"
     if target.exists():
         return target
     try:
         with atomic_path(target) as partial:
             done = subprocess.run(
-                [cc, *FLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True, timeout=300
+                [cc, *spec.flags, "-o", str(partial), str(spec.source)], capture_output=True, text=True, timeout=300
             )
             if done.returncode != 0:
-                raise FusedKernelUnavailable(f"{cc} failed to build {SOURCE.name}:\n{done.stderr.strip()[-2000:]}")
+                raise FusedKernelUnavailable(f"{cc} failed to build {spec.source.name}:\n{done.stderr.strip()[-2000:]}")
             os.chmod(partial, 0o755)
     except (OSError, subprocess.SubprocessError) as err:
-        raise FusedKernelUnavailable(f"could not build {SOURCE.name} with {cc}: {err}") from err
+        raise FusedKernelUnavailable(f"could not build {spec.source.name} with {cc}: {err}") from err
     return target
 
 
-def _load() -> ctypes.CDLL:
-    """The compiled kernel, built and loaded once per process; raises :class:`FusedKernelUnavailable`."""
-    global _library, _failure
+def _load(kernel: str = "avx2") -> ctypes.CDLL:
+    """The compiled ``kernel``, built and loaded once per process; raises :class:`FusedKernelUnavailable`."""
     with _lock:
-        if _library is not None:
-            return _library
-        if _failure is not None:
-            raise FusedKernelUnavailable(_failure)
+        if kernel in _libraries:
+            return _libraries[kernel]
+        if kernel in _failures:
+            raise FusedKernelUnavailable(_failures[kernel])
         try:
-            if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-                raise FusedKernelUnavailable(
-                    f"the CPU lacks AVX2 (torch reports {torch.backends.cpu.get_cpu_capability()})"
-                )
-            library = ctypes.CDLL(str(build()))
+            if not cpu_supports(kernel):
+                needs = " + ".join(f.upper() for f in KERNELS[kernel].cpu_flags)
+                raise FusedKernelUnavailable(f"the {kernel} kernel needs {needs}; this CPU lacks it")
+            library = ctypes.CDLL(str(build(kernel=kernel)))
         except (FusedKernelUnavailable, OSError) as err:
-            _failure = str(err)
-            raise FusedKernelUnavailable(_failure) from err
+            _failures[kernel] = str(err)
+            raise FusedKernelUnavailable(_failures[kernel]) from err
         fn = library.fvq_nearest_codes
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int, ptr]
         fn.restype = ctypes.c_int
-        _library = library
+        _libraries[kernel] = library
         return library
 
 
-def kernel_choice() -> str:
-    """``$FVQ_SEARCH_KERNEL`` (``auto`` when unset), checked against :data:`KERNEL_CHOICES`."""
-    choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
-    if choice not in KERNEL_CHOICES:
-        raise ValueError(f"{KERNEL_ENV} must be one of {', '.join(KERNEL_CHOICES)}; got {choice!r}")
-    return choice
-
-
-def wanted(device: torch.device) -> bool:
-    """Whether the search on ``device`` should use the fused kernel, by ``$FVQ_SEARCH_KERNEL`` and the CPU.
-
-    ``auto`` takes it on CPUs whose widest capability torch reports as AVX2 (on AVX-512 CPUs the blocked search's
-    sgemm uses the wider unit) and where it builds; a build failure is reported once as a warning. ``fused`` takes
-    it everywhere on CPU and raises where it cannot run.
-    """
-    choice = kernel_choice()
-    if device.type != "cpu":
-        if choice == "fused":
-            raise FusedKernelUnavailable(f"{KERNEL_ENV}=fused, but the fused kernel runs on CPU only, not {device}")
-        return False
-    if choice == "blocked" or (choice == "auto" and torch.backends.cpu.get_cpu_capability() != "AVX2"):
-        return False
-    first_failure = _failure is None and _library is None
+def available(kernel: str) -> tuple[bool, str]:
+    """Whether ``kernel`` can run here, and why not (``""`` when it can)."""
     try:
-        _load()
+        _load(kernel)
     except FusedKernelUnavailable as err:
-        if choice == "fused":
-            raise FusedKernelUnavailable(f"{KERNEL_ENV}=fused, but the fused kernel cannot run: {err}") from err
-        if first_failure:
-            warnings.warn(
-                f"fvq: the fused nearest-code kernel is unavailable, using the blocked search: {err}", stacklevel=3
-            )
-        return False
-    return True
+        return False, str(err)
+    return True, ""
 
 
 def distances_are_finite(z: Tensor, code_sq: Tensor) -> bool:
@@ -179,19 +216,22 @@ def distances_are_finite(z: Tensor, code_sq: Tensor) -> bool:
     return c_max + 2.0 * (z.shape[1] ** 0.5) * z_max * c_max**0.5 < _FINITE_BOUND
 
 
-def nearest_codes_fused(z: Tensor, codebook: Tensor, code_sq: Tensor, out: Tensor | None = None) -> Tensor:
+def nearest_codes_fused(
+    z: Tensor, codebook: Tensor, code_sq: Tensor, out: Tensor | None = None, kernel: str = "avx2"
+) -> Tensor:
     """Nearest code of each row of ``z`` (``(N, D)``) among the rows of ``codebook`` (``(K, D)``), ``(N,)`` int64.
 
     ``code_sq`` is ``||c_k||^2`` in fp32 (``(K,)``). The caller checks :func:`distances_are_finite`; inputs of
     other dtypes are cast to fp32. Ties go to the lowest index, and identical codes always tie exactly (every code's
     dot product is summed in the same order). ``out``, if given, is an ``(N,)`` int64 CPU tensor written in place.
+    ``kernel`` is ``avx2`` or ``avx512`` (:data:`KERNELS`).
 
     Raises:
         FusedKernelUnavailable: where the kernel cannot run.
         ValueError: on shapes, devices or an ``out`` that do not fit together, or K of 2**31 or more.
         MemoryError: when the kernel's scratch memory cannot be allocated.
     """
-    library = _load()
+    library = _load(kernel)
     if z.ndim != 2 or codebook.ndim != 2 or z.shape[1] != codebook.shape[1] or code_sq.shape != codebook.shape[:1]:
         raise ValueError(
             "nearest_codes_fused expects z (N, D), codebook (K, D) and code_sq (K,); got "
@@ -222,5 +262,5 @@ def nearest_codes_fused(z: Tensor, codebook: Tensor, code_sq: Tensor, out: Tenso
     if status == 1:
         raise MemoryError("the fused nearest-code kernel could not allocate its scratch memory")
     if status != 0:
-        raise RuntimeError(f"the fused nearest-code kernel failed to start its threads (status {status})")
+        raise RuntimeError(f"the fused nearest-code kernel ({kernel}) failed to start its threads (status {status})")
     return out
