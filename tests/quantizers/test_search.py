@@ -34,16 +34,17 @@ def panel_codes(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["fused", "blocked"])
+@pytest.fixture(params=["fused", "avx512", "blocked", "coarse"])
 def kernel(request, monkeypatch):
-    """The fused AVX2 kernel, or the blocked sgemm search (panels as this machine's L2 gives them)."""
+    """The fused AVX2 kernel, the fused AVX-512 kernel (skipped without AVX-512F), the blocked sgemm search (panels as
+    this machine's L2 gives them), or the bf16 coarse pass + exact re-rank."""
     use_search_kernel(monkeypatch, request.param)
     return request.param
 
 
-@pytest.fixture(params=["fused", "blocked-1panel", "blocked-8panels", "blocked-6panels"])
+@pytest.fixture(params=["fused", "avx512", "blocked-1panel", "blocked-8panels", "blocked-6panels", "coarse"])
 def search_path(request, monkeypatch):
-    """Both kernels, the blocked one with each panel layout of :func:`panel_codes`."""
+    """Every kernel, the blocked one with each panel layout of :func:`panel_codes`."""
     kernel, _, layout = request.param.partition("-")
     use_search_kernel(monkeypatch, kernel)
     panels = {"1panel": _CPU_BLOCK_CODES, "8panels": 4 * _ARGMIN_GROUP, "6panels": 5 * _ARGMIN_GROUP}
