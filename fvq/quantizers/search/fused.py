@@ -206,12 +206,15 @@ def available(kernel: str) -> tuple[bool, str]:
 
 def distances_are_finite(z: Tensor, code_sq: Tensor) -> bool:
     """True when every fp32 distance ``||c||^2 - 2 z.c`` is finite whatever the order of summation: all inputs are
-    finite and ``max ||c||^2 + 2 sqrt(D) max |z| max ||c||`` stays far below the fp32 maximum."""
+    finite, ``-2 z`` is finite in fp32, and ``max ||c||^2 + 2 sqrt(D) max |z| max ||c||`` stays far below the fp32
+    maximum."""
     if z.numel() == 0:
         return True
     z_max = float(z.detach().abs().amax())
     c_max = float(code_sq.max())
     if not (z_max < float("inf") and c_max < float("inf")):  # also False for NaN
+        return False
+    if 2.0 * z_max > torch.finfo(torch.float32).max:  # the exact scaling -2 z would overflow
         return False
     return c_max + 2.0 * (z.shape[1] ** 0.5) * z_max * c_max**0.5 < _FINITE_BOUND
 
