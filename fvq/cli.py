@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reconstruct": ("fvq.commands.reconstruct", "encode and decode images, with a side-by-side grid"),
     "sample": ("fvq.commands.sample", "class-conditional samples from a generator, decoded by its tokenizer"),
     "report": ("fvq.commands.report", "render a self-contained HTML report of a training run"),
+    "repro": ("fvq.commands.repro", "the paper's claims at CPU scale: list, run and summarize the experiments"),
 }
 
 
