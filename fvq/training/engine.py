@@ -10,9 +10,11 @@ Several processes either replicate the model (DDP, :meth:`Engine.wrap`) or shard
 ``fully_shard``, :meth:`Engine.shard`). Checkpoints hold the full, unsharded model and optimizer states in the same
 layout either way (gathered on rank 0 through ``torch.distributed.checkpoint.state_dict``).
 
-Host synchronisations: a step reads exactly one small tensor on the host (whether every rank's loss and gradients
-were finite, the skip decision all ranks must share). Losses and metrics stay tensors until a log step, where they
-are reduced over ranks and read once.
+Host synchronisations: a step reads nothing on the host. Whether every rank's loss and gradients were finite is a
+boolean tensor, combined over ranks on the device, and each update is applied under it by the fused optimizer's own
+skip (:func:`guarded_step`), so a non-finite step never changes the weights. The skip counts (:class:`SkipCounter`),
+losses and metrics stay tensors until a sync point (a log, validation or checkpoint step), where they are reduced
+over ranks and read once.
 """
 
 from __future__ import annotations
@@ -103,15 +105,17 @@ class StepOutput:
         scalars: Detached scalar tensors to log (``loss``, ``grad_norm``, ...), averaged over the micro-batches. They
             are read on the host only at log steps.
         finite: One boolean tensor per optimizer update of the step (from :meth:`Engine.backward_and_clip`); the
-            engine reads them all at once, once per step.
-        updates: One callable per entry of ``finite``: applies that update (optimizer step) when it is finite, or
-            discards it (zeroes the gradients) when not. The first entry is the main update: when it is not finite the
-            whole step is skipped and counted.
+            engine combines them over ranks on the device.
+        updates: One callable per entry of ``finite``, called with ``ok`` (the update's flag and the main one's):
+            applies that update when ``ok`` is true and changes nothing when not. When every callable is marked with
+            :func:`device_update` (as those :meth:`Engine.backward_and_clip` returns are), ``ok`` is a boolean tensor
+            on the device and the step reads nothing on the host; otherwise the flags are read once and ``ok`` is a
+            bool. The first entry is the main update: when it is not finite the whole step is skipped and counted.
     """
 
     scalars: dict[str, Tensor]
     finite: list[Tensor] = field(default_factory=list)
-    updates: list[Callable[[bool], None]] = field(default_factory=list)
+    updates: list[Callable[[Any], None]] = field(default_factory=list)
 
 
 class TrainingTask(Protocol):
@@ -136,6 +140,36 @@ class TrainingTask(Protocol):
 
     def validate(self, engine: Engine, step: int) -> dict[str, float]:
         """Held-out figures (``val/...``), reduced over ranks; rank 0 may write pictures into the run folder."""
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped so far as of the last sync point (:meth:`read_guard` reads the exact count)."""
+        return self.guard.skipped
+
+    def read_guard(self, scalars: dict[str, Tensor] | None = None) -> tuple[int, dict[str, float]]:
+        """Read the skip counts (with ``scalars``, reduced over ranks: one read for all) and stop the run when too
+        many steps in a row were skipped.
+
+        Returns:
+            ``(skipped_steps, values)``: the exact count so far and the reduced ``scalars``.
+        """
+        values = reduce_scalars({**(scalars or {}), **self.guard.as_scalars()}, self.device)
+        if self.guard.update_from(values):
+            self.logger.log(
+                self.step,
+                {
+                    "train/skipped_nonfinite": float(self.guard.skipped),
+                    "train/last_skipped_step": self.guard.last_skipped,
+                },
+            )
+        if self.guard.longest_run >= self.config.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.guard.longest_run} consecutive steps had a non-finite loss or gradient (last at step "
+                f"{self.guard.last_skipped}; {self.guard.skipped} skipped in all); stopping without writing "
+                f"non-finite weights (skipped steps never change them). Lower the learning rate or check the data; "
+                f"the last good checkpoint is {self.last_checkpoint}"
+            )
+        return self.guard.skipped, values
 
     def state_dict(self) -> dict[str, Any]:
         """Task state beyond the model and optimizers (e.g. a loss module's buffers)."""
@@ -242,6 +276,66 @@ def flush_denormals() -> bool:
     return bool(torch.set_flush_denormal(True))
 
 
+def device_update(update: Callable[[Tensor], None]) -> Callable[[Tensor], None]:
+    """Mark an update of :attr:`StepOutput.updates` as one that takes its flag as a boolean tensor on the device and
+    decides there (masking its work, e.g. with :func:`guarded_step` or ``torch.where``). A step whose updates are
+    all marked reads nothing on the host; otherwise the engine reads the flags once and passes them as bools."""
+    update.takes_device_flag = True  # type: ignore[attr-defined]
+    return update
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, ok: Tensor) -> None:
+    """``optimizer.step()`` that changes nothing unless ``ok`` (a boolean tensor on the parameters' device) is true,
+    decided on the device: no host read.
+
+    PyTorch's fused Adam, AdamW and SGD kernels take a ``found_inf`` tensor (the hook ``GradScaler`` uses to skip
+    steps with inf gradients): when it is 1 the kernel returns before touching the parameters and the moments, and
+    the step count is put back. ``optimizer`` must be such a fused optimizer (``_step_supports_amp_scaling``).
+    """
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        raise TypeError(f"{type(optimizer).__name__} without fused=True cannot skip a step on the device")
+    optimizer.found_inf = (~ok).to(torch.float32).reshape(())  # read by Adam/AdamW/SGD.step
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+
+
+class SkipCounter:
+    """The non-finite-step guard's counts, kept on the device and read only at the engine's sync points.
+
+    ``counts`` holds ``[skipped, current run of skipped steps, longest run, last skipped step]`` (int64); the host
+    copies below are those of the last :meth:`update_from` (exact then).
+
+    Args:
+        device: Where the counts live (the training device).
+        skipped: Skipped steps so far (from a checkpoint).
+    """
+
+    KEYS = ("guard/skipped", "guard/run", "guard/longest_run", "guard/last_skipped")
+
+    def __init__(self, device: torch.device, skipped: int = 0) -> None:
+        self.counts = torch.tensor([skipped, 0, 0, -1], dtype=torch.int64, device=device)
+        self.skipped, self.run, self.longest_run, self.last_skipped = skipped, 0, 0, -1
+
+    def record(self, ok: Tensor, step: int) -> None:
+        """Count step ``step``, whose main update was applied when ``ok`` (a boolean tensor) is true."""
+        bad = (~ok).to(torch.int64)
+        skipped, run, longest, last = self.counts.unbind()
+        run = (run + 1) * bad
+        self.counts = torch.stack([skipped + bad, run, torch.maximum(longest, run), torch.where(ok, last, step)])
+
+    def as_scalars(self) -> dict[str, Tensor]:
+        """The counts as scalars to read with the log step's others (equal on every rank)."""
+        return dict(zip(self.KEYS, self.counts.unbind()))
+
+    def update_from(self, values: dict[str, float]) -> bool:
+        """Take the read counts out of ``values``; returns whether steps were skipped since the last read."""
+        before = self.skipped
+        self.skipped, self.run, self.longest_run, self.last_skipped = (int(values.pop(k)) for k in self.KEYS)
+        return self.skipped > before
+
+
 def reduce_scalars(scalars: dict[str, Tensor], device: torch.device) -> dict[str, float]:
     """Average scalar tensors over ranks and read them on the host: one collective and one read for all.
 
@@ -297,8 +391,7 @@ class Engine:
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
         self.task: TrainingTask | None = None
         self.step = 0
-        self.skipped_steps = 0
-        self.consecutive_nonfinite = 0
+        self.guard = SkipCounter(self.device)
         self.last_checkpoint: Path | None = None
         self.val_metrics: dict[str, float] = {}
         self.logger = MetricLogger(self.run.path, enabled=ctx.is_main, tensorboard=config.tensorboard)
@@ -440,7 +533,7 @@ class Engine:
         loss_fn: Callable[[Any], tuple[Tensor, dict[str, Tensor]]],
         scalars: dict[str, Tensor],
         prefix: str = "",
-    ) -> tuple[Tensor, Callable[[bool], None]]:
+    ) -> tuple[Tensor, Callable[[bool | Tensor], None]]:
         """Accumulate the gradients of ``loss_fn`` over the micro-batches, unscale, clip; no host read.
 
         Args:
@@ -485,32 +578,70 @@ class Engine:
         finite &= torch.isfinite(grad_norm)
         scalars[f"{prefix}grad_norm"] = grad_norm.detach()
 
-        def apply(ok: bool) -> None:
+        def apply(ok: bool | Tensor) -> None:
+            if isinstance(ok, Tensor):
+                if getattr(optimizer, "_step_supports_amp_scaling", False):
+                    guarded_step(optimizer, ok)
+                    return
+                ok = bool(ok)  # an optimizer without a fused kernel decides on the host: one read
             if ok:
                 self.scaler.step(optimizer)
             else:
                 optimizer.zero_grad(set_to_none=True)
 
-        return finite, apply
+        return finite, device_update(apply)
 
-    def _finish_step(self, out: StepOutput) -> bool:
-        """Read every rank's finiteness flags once, apply or discard each update; returns whether the main update
-        was applied."""
+    def _finish_step(self, out: StepOutput, step: int) -> Tensor:
+        """Combine every rank's finiteness flags and apply each update under its flag, on the device: no host read.
+        Returns the main update's flag (a boolean tensor)."""
         flags = torch.stack(out.finite).to(torch.float32)
         if self.ctx.distributed:  # a flag is true only when it is true on every rank
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
-        ok = [value > 0 for value in flags.tolist()]  # the step's one host read
-        if not ok[0]:
-            for update in out.updates:
-                update(False)
-        else:
-            for update, fine in zip(out.updates, ok):
-                update(fine)
+        ok = flags > 0
+        main = ok[0]
+        if all(getattr(update, "takes_device_flag", False) for update in out.updates):
+            for i, update in enumerate(out.updates):  # a non-finite main update discards the whole step
+                update(main if i == 0 else main & ok[i])
+        else:  # some update decides on the host: one read for all of them
+            fine = ok.tolist()
+            for update, flag in zip(out.updates, fine):
+                update(fine[0] and flag)
         self.scaler.update()
-        return ok[0]
+        self.guard.record(main, step)
+        return main
 
     # ----------------------------------------------------------------------------------------------------------------
     # state
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped so far as of the last sync point (:meth:`read_guard` reads the exact count)."""
+        return self.guard.skipped
+
+    def read_guard(self, scalars: dict[str, Tensor] | None = None) -> tuple[int, dict[str, float]]:
+        """Read the skip counts (with ``scalars``, reduced over ranks: one read for all) and stop the run when too
+        many steps in a row were skipped.
+
+        Returns:
+            ``(skipped_steps, values)``: the exact count so far and the reduced ``scalars``.
+        """
+        values = reduce_scalars({**(scalars or {}), **self.guard.as_scalars()}, self.device)
+        if self.guard.update_from(values):
+            self.logger.log(
+                self.step,
+                {
+                    "train/skipped_nonfinite": float(self.guard.skipped),
+                    "train/last_skipped_step": self.guard.last_skipped,
+                },
+            )
+        if self.guard.longest_run >= self.config.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.guard.longest_run} consecutive steps had a non-finite loss or gradient (last at step "
+                f"{self.guard.last_skipped}; {self.guard.skipped} skipped in all); stopping without writing "
+                f"non-finite weights (skipped steps never change them). Lower the learning rate or check the data; "
+                f"the last good checkpoint is {self.last_checkpoint}"
+            )
+        return self.guard.skipped, values
+
     def state_dict(self) -> dict[str, Any]:
         """Everything an exact resume needs (collective: gathers every rank's RNG state)."""
         rngs = all_gather_objects(rng_state())
@@ -523,7 +654,7 @@ class Engine:
             **task.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rngs,
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.read_guard()[0],
             "world_size": self.ctx.world_size,
             "val_metrics": self.val_metrics,
         }
@@ -541,7 +672,7 @@ class Engine:
         task.load_state_dict(state)
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        self.skipped_steps = int(state["skipped_steps"])
+        self.guard = SkipCounter(self.device, skipped=int(state["skipped_steps"]))
         self.val_metrics = dict(state.get("val_metrics", {}))
         rngs = state["rng"]
         if len(rngs) == self.ctx.world_size:
@@ -605,12 +736,13 @@ class Engine:
                         break
             epoch, offset = epoch + 1, 0
 
-    def train_step(self, micro_batches: list[Any], step: int) -> tuple[bool, dict[str, Tensor]]:
-        """One optimizer step of the task; returns whether it was applied and its (unreduced) scalars."""
+    def train_step(self, micro_batches: list[Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """One optimizer step of the task; returns whether it was applied (a boolean tensor on the device, read
+        only when needed) and its (unreduced) scalars."""
         factor = self.lr_factor(step)
         with trusted_values():  # no host read per batch to scan inputs; the finiteness guard covers them
             out = self.task.train_step(self, micro_batches, step)
-        applied = self._finish_step(out)
+        applied = self._finish_step(out, step)
         first_lr = next(iter(self.task.optimizers.values()))[1] * factor
         as_scalar = lambda value: torch.tensor(value, dtype=torch.float64)  # noqa: E731 - logged as exactly computed
         out.scalars.update({"lr": as_scalar(first_lr), "lr_factor": as_scalar(factor)})
@@ -638,47 +770,50 @@ class Engine:
             dynamic_ncols=True,
         )
         data = self.micro_batches()
-        t0 = time.time()
-        while self.step < end:
-            step = self.step
-            applied, scalars = self.train_step(next(data), step)
-            # 1. The non-finite guard: a skipped step leaves the weights untouched on every rank.
-            if not applied:
-                self.skipped_steps += 1
-                self.consecutive_nonfinite += 1
-                self.logger.log(step, {"train/skipped_nonfinite": float(self.skipped_steps)})
-                if self.consecutive_nonfinite >= cfg.max_nonfinite_steps:
-                    bar.close()
-                    raise NonFiniteLossError(
-                        f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient "
-                        f"(last at step {step}; {self.skipped_steps} skipped in all); stopping without writing "
-                        f"non-finite weights. Lower the learning rate or check the data; the last good checkpoint "
-                        f"is {self.last_checkpoint}"
+        timed_from, t0 = self.step, time.perf_counter()  # images/s over the steps since the last log
+        try:
+            while self.step < end:
+                step = self.step
+                # 1. The step: forward, backward, clipping and the updates, each applied on the device only when
+                #    its loss and gradients are finite on every rank (a skipped step leaves the weights untouched).
+                #    Nothing is read on the host: the GPU runs ahead until the next sync point.
+                _, scalars = self.train_step(next(data), step)
+                self.step += 1
+                bar.update(1)
+                last = self.step == self.total_steps
+                log = bool(cfg.log_every) and (self.step % cfg.log_every == 0 or self.step == 1)
+                validate = bool(cfg.val_every) and (self.step % cfg.val_every == 0 or last)
+                checkpoint = (
+                    (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last or self.step == end
+                )
+                # without logging, the guard is still read every max_nonfinite_steps steps
+                check = not cfg.log_every and self.step % cfg.max_nonfinite_steps == 0
+                if not (log or validate or checkpoint or check):
+                    continue
+                # 2. Sync point: the skip counts (and at log steps the scalars) are reduced over ranks and read
+                #    once; too many skipped steps in a row stop the run here.
+                _, values = self.read_guard(scalars if log else None)
+                if log and self.guard.last_skipped != step:  # a skipped step's scalars are not finite
+                    values["images_per_s"] = (
+                        cfg.global_batch_size * (self.step - timed_from) / max(time.perf_counter() - t0, 1e-9)
                     )
-            else:
-                self.consecutive_nonfinite = 0
-            self.step += 1
-            bar.update(1)
-            # 2. Log steps: the scalars are reduced over ranks and read on the host (the only other reads).
-            if applied and cfg.log_every and (self.step % cfg.log_every == 0 or self.step == 1):
-                values = reduce_scalars(scalars, self.device)
-                values["images_per_s"] = cfg.global_batch_size * (self.step - step) / max(time.time() - t0, 1e-9)
-                self.logger.log(self.step, {f"train/{k}" if "/" not in k else k: v for k, v in values.items()})
-                shown = {"loss": f"{values.get('loss', float('nan')):.4f}"}
-                if "quantizer/usage" in values:
-                    shown["usage"] = f"{values['quantizer/usage']:.3f}"
-                bar.set_postfix(**shown, lr=f"{values['lr']:.2e}")
-            t0 = time.time()
-            # 3. Validation and checkpoints.
-            last = self.step == self.total_steps
-            if cfg.val_every and (self.step % cfg.val_every == 0 or last):
-                self.val_metrics = self.task.validate(self, self.step)
-                self.logger.log(self.step, self.val_metrics)
-                if self.ctx.is_main and describe is not None:
-                    bar.write(f"step {self.step}: {describe(self.val_metrics)}")
-            if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last or self.step == end:
-                self.save_checkpoint()
-        bar.close()
+                    self.logger.log(self.step, {f"train/{k}" if "/" not in k else k: v for k, v in values.items()})
+                    shown = {"loss": f"{values.get('loss', float('nan')):.4f}"}
+                    if "quantizer/usage" in values:
+                        shown["usage"] = f"{values['quantizer/usage']:.3f}"
+                    bar.set_postfix(**shown, lr=f"{values['lr']:.2e}")
+                # 3. Validation and checkpoints (their time is left out of images/s).
+                if validate:
+                    self.val_metrics = self.task.validate(self, self.step)
+                    self.logger.log(self.step, self.val_metrics)
+                    if self.ctx.is_main and describe is not None:
+                        bar.write(f"step {self.step}: {describe(self.val_metrics)}")
+                if checkpoint:
+                    self.save_checkpoint()
+                if log or validate or checkpoint:
+                    timed_from, t0 = self.step, time.perf_counter()
+        finally:
+            bar.close()
         finish = getattr(self.task, "finish", None)
         if finish is not None and self.step == self.total_steps:
             finish(self)
