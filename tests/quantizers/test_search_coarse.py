@@ -50,6 +50,15 @@ def test_fma32_is_an_exact_fp32_fma():
         assert g == _round_to_f32(Fraction(x) * Fraction(y) + Fraction(z))
 
 
+@pytest.fixture(params=["bf16-matmul", "bf16-values-in-sgemm"])
+def matmul(request, monkeypatch):
+    """The coarse pass through torch's bf16 matmul (bf16 output on CPU: the looser bound) or, as on CPUs without
+    bf16 units, the bf16 values through fp32 sgemm."""
+    native = request.param == "bf16-matmul"
+    monkeypatch.setattr(coarse, "native_bf16", lambda device: native)
+    return request.param
+
+
 def _reference(z, codebook):
     return reference.reference_argmin(z, codebook, blocked._squared_norms(codebook))
 
@@ -94,15 +103,16 @@ def _data(kind, n, k, d, seed):
 
 
 @pytest.mark.parametrize("kind", ["random", "clustered", "near-ties", "duplicates"])
-def test_exact_against_the_full_fp32_argmin(kind):
+def test_exact_against_the_full_fp32_argmin(kind, matmul):
     z, codebook = _data(kind, 80, 200, 24, seed=len(kind))
     got = _coarse(z, codebook)
     assert torch.equal(got, _reference(z, codebook))
     stats = coarse.last_stats()
     assert stats.rows == 80 and stats.max_candidates >= 1 and stats.cap == coarse.DEFAULT_CAP
+    assert stats.bf16_output == (matmul == "bf16-matmul")
 
 
-def test_adversarial_codes_where_the_coarse_argmin_is_wrong():
+def test_adversarial_codes_where_the_coarse_argmin_is_wrong(matmul):
     # pairs of codes closer together than bf16 can tell apart: the bf16 pass often ranks the wrong one first
     gen = torch.Generator().manual_seed(11)
     base = torch.randn(100, 32, generator=gen)
@@ -114,7 +124,7 @@ def test_adversarial_codes_where_the_coarse_argmin_is_wrong():
     assert torch.equal(_coarse(z, codebook, max_chunk_bytes=4 * 200 * 7), expected)  # blocks of 7 rows
 
 
-def test_coarse_error_stays_within_the_bound():
+def test_coarse_error_stays_within_the_bound(matmul):
     for seed, scale in [(0, 1.0), (1, 1e-3), (2, 1e4)]:
         z, codebook = _data("random", 100, 200, 64, seed)
         z, codebook = z * scale, codebook * scale

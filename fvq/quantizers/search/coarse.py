@@ -31,6 +31,10 @@ and ``S = sum_j |x_j c_j| <= ||x|| ||c||`` (Cauchy-Schwarz).
 * Re-rank: the candidates' fp32 distances are computed exactly as the reference computes them
   (:func:`~fvq.quantizers.search.reference.chain_dot`), in ascending code order, and the first minimum wins.
 
+Without bf16 matrix units (this includes most CPUs) the coarse pass multiplies the bf16-rounded values through fp32
+sgemm instead (exact products, fp32 sums: the same bound with ``w = 0``), which costs as much as the exact search;
+:mod:`~fvq.quantizers.search.dispatch` offers this search to ``auto`` only where the units exist.
+
 Rows where the bound does not hold (a non-finite coarse value: bf16 overflows at fp32's very top) or more than
 ``cap`` codes survive go to the exact path handed in (on CPU the fused kernel, the same arithmetic; on GPU the blocked
 sgemm search, which agrees with it except where two distances are within fp32 rounding of each other). The caller
@@ -68,6 +72,7 @@ class CoarseStats:
         fallback_rows: rows handed to the exact path (over ``cap``, or the bound could not be applied).
         cap: the candidate cap.
         bf16_output: whether the coarse matmul rounded its output to bf16 (``w = v`` in the bound).
+        native: whether the coarse matmul ran on bf16 matrix units (else bf16 values through fp32 sgemm).
     """
 
     rows: int
@@ -76,6 +81,7 @@ class CoarseStats:
     fallback_rows: int
     cap: int
     bf16_output: bool
+    native: bool
 
 
 class _Last(threading.local):
@@ -103,7 +109,14 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def _coarse_dot(zb: Tensor, cb_t: Tensor) -> tuple[Tensor, bool]:
-    """``zb @ cb_t`` of bf16 operands as fp32 and whether it was rounded to bf16 on the way (``(r, k)``, bool)."""
+    """``zb @ cb_t`` of bf16 operands as fp32 ``(r, k)``, and whether it was rounded to bf16 on the way.
+
+    With native bf16 matrix units: a bf16 matmul (fp32 output on CUDA where torch offers it; a bf16 output on CPU).
+    Without them (torch would emulate bf16 about 100x slower than sgemm): the bf16 values as fp32 through sgemm,
+    whose products are exact and whose sums are fp32, so the same bound holds, at sgemm speed.
+    """
+    if not native_bf16(zb.device):
+        return torch.mm(zb.float(), cb_t.float()), False
     if zb.device.type == "cuda":
         try:
             return torch.mm(zb, cb_t, out_dtype=torch.float32), False
@@ -201,6 +214,7 @@ def nearest_codes_coarse(
         fallback_rows=int(missing.numel()),
         cap=cap,
         bf16_output=bf16_output,
+        native=native_bf16(device),
     )
     return out
 
