@@ -592,6 +592,10 @@ class VectorQuantizer(Quantizer):
         extra = f", estimator={self.estimator!r}" if self.estimator != "ste" else ""
         if self.codebook_update == "ema":
             extra += f", codebook_update='ema', ema_decay={self.ema_decay}"
+        if self.freeze_codebook:
+            extra += ", freeze_codebook=True"
+        if self.raw_dim != self.codebook_dim:
+            extra += f", raw_dim={self.raw_dim}"
         return f"{super().extra_repr()}, distance={self.distance!r}, commitment_weight={self.commitment_weight}{extra}"
 
 
