@@ -161,3 +161,22 @@ def test_through_nearest_codes_with_non_finite_inputs(monkeypatch):
     huge[0, 0] = 3e38  # -2 z overflows fp32: no bound can hold
     nearest_codes(huge, codebook)
     assert dispatch.last_choice().kernel == "blocked"
+
+
+def test_native_and_torch_reranks_agree(monkeypatch):
+    # on CPU the re-rank runs in the fused kernels' library; elsewhere in the torch emulation: both are the reference
+    from fvq.quantizers.search import fused
+
+    if not fused.available("avx2")[0]:
+        pytest.skip("the AVX2 library cannot run here")
+    z, codebook = _data("near-ties", 60, 150, 16, seed=9)
+    sq = blocked._squared_norms(codebook)
+    gen = torch.Generator().manual_seed(10)
+    cand = torch.randint(0, 150, (60, 12), generator=gen).sort(dim=1).values  # (60, 12)
+    native = fused.rerank(z, codebook, sq, cand, torch.empty(60, dtype=torch.long))
+    dist = coarse._rerank(-2.0 * z, cand, codebook.t().contiguous(), sq)  # (60, 12)
+    assert torch.equal(native, cand.gather(1, dist.argmin(dim=1, keepdim=True)).squeeze(1))
+    expected = _reference(z, codebook)
+    assert torch.equal(_coarse(z, codebook), expected)
+    monkeypatch.setattr(fused, "available", lambda kernel: (False, "as on a GPU"))
+    assert torch.equal(_coarse(z, codebook), expected)

@@ -28,8 +28,10 @@ and ``S = sum_j |x_j c_j| <= ||x|| ||c||`` (Cauchy-Schwarz).
   ``d~_k <= min_j d~_j + 2 (B_c + B_ref)`` is kept, which includes ``k*`` and every code tied with it. The margin is
   computed in fp64 from fp64 norms (``max ||c||`` from the fp32 ``s`` inflated by ``1 / (1 - gamma_D)``, with a
   relative slack of ``2^-20``) and the threshold rounded up to the next fp32 value.
-* Re-rank: the candidates' fp32 distances are computed exactly as the reference computes them
-  (:func:`~fvq.quantizers.search.reference.chain_dot`), in ascending code order, and the first minimum wins.
+* Re-rank: the candidates' fp32 distances are computed exactly as the reference computes them, in ascending code
+  order, and the first minimum wins: on CPU by the fused kernels' library (``fvq_rerank``: one scalar ``fmaf``
+  chain per candidate, the same roundings as a vector lane's), elsewhere (or without it) by the torch emulation
+  :func:`~fvq.quantizers.search.reference.chain_dot`.
 
 Without bf16 matrix units (this includes most CPUs) the coarse pass multiplies the bf16-rounded values through fp32
 sgemm instead (exact products, fp32 sums: the same bound with ``w = 0``), which costs as much as the exact search;
@@ -51,6 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fvq.quantizers.search import fused
 from fvq.quantizers.search.reference import chain_dot
 
 DEFAULT_CAP = 64
@@ -169,7 +172,8 @@ def nearest_codes_coarse(
     device = z.device
     z32 = z.float()
     c32 = codebook.float()
-    c_t = c32.t().contiguous()  # (D, K): one contiguous row per input channel for the re-rank's gathers
+    native_rerank = device.type == "cpu" and fused.available("avx2")[0]
+    c_t = None if native_rerank else c32.t().contiguous()  # (D, K): one row per input channel for the gathers
     cb_t = codebook.to(torch.bfloat16).t()  # (D, K)
     gamma_d = d * _U32 / (1 - d * _U32)
     code_sq_max = float(code_sq.max())
@@ -198,6 +202,10 @@ def nearest_codes_coarse(
         counted += rows.numel()
         total += int(count[rows].sum())
         cand = torch.topk(dist[rows], width, dim=1, largest=False).indices.sort(dim=1).values  # (m, C) ascending
+        if native_rerank:  # the fused kernels' library: scalar fmaf chains, the same arithmetic
+            found = torch.empty(rows.numel(), dtype=torch.long)
+            out[rows + i] = fused.rerank(zi[rows], c32, code_sq, cand, found)
+            continue
         a = -2.0 * zi[rows]  # (m, D) exact scaling
         step = max(1, _RERANK_ELEMS // width)
         for j in range(0, rows.numel(), step):

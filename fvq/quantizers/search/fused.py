@@ -191,6 +191,9 @@ def _load(kernel: str = "avx2") -> ctypes.CDLL:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int, ptr]
         fn.restype = ctypes.c_int
+        if hasattr(library, "fvq_rerank"):
+            library.fvq_rerank.argtypes = [ptr, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr, i64, ptr]
+            library.fvq_rerank.restype = None
         _libraries[kernel] = library
         return library
 
@@ -266,4 +269,26 @@ def nearest_codes_fused(
         raise MemoryError("the fused nearest-code kernel could not allocate its scratch memory")
     if status != 0:
         raise RuntimeError(f"the fused nearest-code kernel ({kernel}) failed to start its threads (status {status})")
+    return out
+
+
+def rerank(z: Tensor, codebook: Tensor, code_sq: Tensor, cand: Tensor, out: Tensor) -> Tensor:
+    """Exact re-rank on CPU by the AVX2 library's ``fvq_rerank``: for each row of ``z`` (``(n, D)``), the code of
+    ``cand`` (``(n, C)`` int64, ascending) at the lowest fixed-order fp32 distance, ties to the lowest; into ``out``
+    (``(n,)`` int64 CPU, contiguous). Raises :class:`FusedKernelUnavailable` where the library cannot run."""
+    library = _load("avx2")
+    z32 = z.detach().float().contiguous()
+    c32 = codebook.detach().float()
+    c32 = c32 if c32.stride(1) == 1 else c32.contiguous()
+    sq = code_sq.detach().float().contiguous()
+    cand = cand.contiguous()
+    if z32.shape[0] != cand.shape[0] or out.shape != (z32.shape[0],) or not out.is_contiguous():
+        raise ValueError(
+            f"rerank expects z (n, D), cand (n, C) and out (n,); got {tuple(z.shape)}, "
+            f"{tuple(cand.shape)} and {tuple(out.shape)}"
+        )
+    library.fvq_rerank(
+        z32.data_ptr(), z32.shape[0], z32.stride(0), c32.data_ptr(), sq.data_ptr(), c32.stride(0), z32.shape[1],
+        cand.data_ptr(), cand.shape[1], out.data_ptr(),
+    )  # fmt: skip
     return out

@@ -202,3 +202,29 @@ int fvq_nearest_codes(const float *z, int64_t n, int64_t ldz, const float *codeb
     free(threads);
     return status;
 }
+
+/* Exact re-rank of given candidates: for each of the n queries, the candidate of lowest distance among its `width`
+ * codes (cand[i * width + j], ascending; a negative entry is padding), distances summed in the same fixed order as
+ * the search above (fmaf is one fused multiply-add, rounded once: the same value as a vector lane's), ties to the
+ * first, i.e. lowest, candidate. Writes the chosen code to out[i]. */
+void fvq_rerank(const float *z, int64_t n, int64_t ldz, const float *codebook, const float *code_sq, int64_t ldc,
+                int dim, const int64_t *cand, int64_t width, int64_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *zi = z + i * ldz;
+        float best = INFINITY;
+        int64_t best_code = -1;
+        for (int64_t j = 0; j < width; j++) {
+            const int64_t c = cand[i * width + j];
+            if (c < 0) continue;
+            const float *cc = codebook + c * ldc;
+            float acc = 0.0f;
+            for (int k = 0; k < dim; k++) acc = fmaf(-2.0f * zi[k], cc[k], acc);
+            acc = fmaf(1.0f, code_sq[c], acc);
+            if (best_code < 0 || acc < best) {
+                best = acc;
+                best_code = c;
+            }
+        }
+        out[i] = best_code;
+    }
+}
