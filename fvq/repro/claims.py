@@ -85,7 +85,7 @@ def _table4(means: Means) -> tuple[str, str]:
 
 
 def _baselines(means: Means) -> tuple[str, str]:
-    rivals = ["ema_kmeans_restarts_k4096", "entropy_k4096", "simvq_k4096", "vqgan_lc_k4096"]
+    rivals = ["ema_kmeans_restarts_k4096", "entropy_k4096", "simvq_k4096"]
     return _all([_compare(means, "fvq_k4096", r, "psnr") for r in rivals if r in means])
 
 
@@ -149,8 +149,9 @@ CLAIMS: tuple[Claim, ...] = (
         key="baselines",
         source="Tables 1 and 3 (baselines)",
         statement="FVQ beats the classic remedies for codebook collapse (EMA + k-means + dead-code restarts, "
-        "entropy regularisation, SimVQ's frozen codebook with a linear projector, VQGAN-LC's feature-initialised "
-        "codebook) on reconstruction, at full usage without overwriting codes.",
+        "entropy regularisation, SimVQ's frozen codebook with a linear projector) on reconstruction, at full usage "
+        "without overwriting codes. (VQGAN-LC's feature-initialised codebook is not in the suite yet: its feature "
+        "source reads the validation split, which for the embedded photos is the held-out set.)",
         experiment="baselines_classic",
         verdict=_baselines,
         needs=("fvq_k4096", "ema_kmeans_restarts_k4096", "entropy_k4096", "simvq_k4096"),

@@ -16,6 +16,9 @@ file per variant::
     label: linear, annealing, K = 4,096            # optional: the name in tables and legends
     paper: "Table 5: linear + annealing, 16k: 53 % usage, rFID 1.52"   # optional: the paper's matching figure
 
+An override whose ``quantizer`` (or nested ``quantizer.quantizer``) names another ``type`` than the base's replaces
+that section instead of merging into it (a residual or multi-scale quantizer does not take a VQ's keys).
+
 A run is one variant at one seed, named ``<variant>_seed<S>``; its summary goes to
 ``results/<experiment>/<variant>_seed<S>.json``.
 """
@@ -101,7 +104,7 @@ class Variant:
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path} (base of {self.path}) must hold a YAML mapping")
-        data = merge(data, self.overrides)
+        data = merge(data, _replace_changed_types(data, self.overrides))
         data["seed"] = int(seed)
         if extra:
             data = merge(data, extra)
@@ -113,6 +116,20 @@ class Variant:
         if not isinstance(config, TrainConfig):
             raise ValueError(f"{self.path}: the reproduction suite trains tokenizers, got task {config.task!r}")
         return config
+
+
+def _replace_changed_types(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Overrides with every quantizer section whose ``type`` differs from the base's marked for replacement: the
+    base's section is dropped first, so the merge keeps only the override's keys."""
+    out = copy.deepcopy(overrides)
+    node_base, node_over = base, out  # base: the caller's own copy, edited in place
+    while isinstance(node_base, dict) and isinstance(node_over.get("quantizer"), dict):
+        b, o = node_base.get("quantizer"), node_over["quantizer"]
+        if isinstance(b, dict) and "type" in o and o["type"] != b.get("type", "vq"):
+            node_base.pop("quantizer")
+            break
+        node_base, node_over = b, o
+    return out
 
 
 def codebook_of(quantizer: dict[str, Any]) -> dict[str, Any]:

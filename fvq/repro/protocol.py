@@ -51,6 +51,7 @@ class Protocol:
     lpips_net: str = "alex"
     batch_size: int = 256
     curve_points: int = 16
+    heldout_samples: int | None = None
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any] | None) -> Protocol:
@@ -62,12 +63,32 @@ class Protocol:
         protocol = cls(**overrides)
         if protocol.min_tokens_per_code < 1:
             raise ValueError(f"min_tokens_per_code must be >= 1, got {protocol.min_tokens_per_code}")
+        if protocol.heldout_samples is not None and protocol.heldout_samples < 1:
+            raise ValueError(f"heldout_samples must be >= 1, got {protocol.heldout_samples}")
         if protocol.lpips_net not in ("alex", "vgg"):
             raise ValueError(f"lpips_net must be 'alex' or 'vgg', got {protocol.lpips_net!r}")
         return protocol
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def heldout_data(val_data: dict[str, Any], protocol: Protocol) -> dict[str, Any]:
+    """The dataset config of the protocol's held-out set: the run's validation data, resized to
+    ``protocol.heldout_samples`` images when that is set."""
+    from fvq.data.build import DATASET_TYPES
+
+    data = dict(val_data)
+    if protocol.heldout_samples is None:
+        return data
+    kind = data.get("type", "embedded")
+    if "val_samples" not in DATASET_TYPES.get(kind, ()):
+        raise ValueError(
+            f"protocol.heldout_samples needs validation data that takes val_samples (e.g. embedded), got {kind!r}; "
+            "leave heldout_samples out to use the run's validation set as it is"
+        )
+    data["val_samples"] = int(protocol.heldout_samples)
+    return data
 
 
 class HeldOutTooSmallError(ValueError):

@@ -21,7 +21,14 @@ import torch
 
 from fvq.repro.experiments import Variant
 from fvq.repro.machine import Stopwatch, git_commit, machine_info
-from fvq.repro.protocol import Protocol, check_heldout, evaluate_heldout, restarted_codes, tokens_per_image
+from fvq.repro.protocol import (
+    Protocol,
+    check_heldout,
+    evaluate_heldout,
+    heldout_data,
+    restarted_codes,
+    tokens_per_image,
+)
 from fvq.runs import RunFolder, read_checkpoint_entry
 from fvq.weights import atomic_write_bytes
 
@@ -151,7 +158,7 @@ def run_variant(
         return RunOutcome("skipped", run.path, out_path, steps, steps)
 
     # 1. Refuse a held-out set too small for K before spending any training time on it.
-    val_data = config.val_data or config.data
+    val_data = heldout_data(config.val_data or config.data, protocol)
     val_set = build_dataset(val_data, split="val")
     probe = Tokenizer.from_config({"model": config.model, "quantizer": config.quantizer})
     image_size = int(val_data.get("image_size", 32))
