@@ -1,14 +1,18 @@
 """Benchmark the exact nearest-code search and a ``VectorQuantizer`` forward + backward at large codebooks.
 
-Run as ``fvq bench search`` or ``python scripts/bench_search.py``. For each codebook size K it reports the time of
-:func:`fvq.quantizers.search.nearest_codes` on ``N x D`` queries, its speed in GFLOP/s counting
+Run as ``fvq bench search`` or ``python scripts/bench_search.py``. It first prints the hardware FMA peak (cores x GHz
+x FLOP per cycle, the clock from ``/proc/cpuinfo``) beside the measured sgemm peak. For each codebook size K it
+reports the time of :func:`fvq.quantizers.search.nearest_codes` on ``N x D`` queries, the kernel ``auto`` chose and
+why (its measured figures), its speed in GFLOP/s counting
 ``2 * N * K * D`` FLOPs, its ratio to the sgemm peak measured by the same process in two ways, its peak memory, and
 the brute-force ``torch.mm`` + ``argmin`` over the full ``N x K`` matrix for comparison (where that matrix fits in
 ``--baseline-max-gib``; its indices must equal the search's). The two ratios: *best*, the fastest search against the
 fastest sgemm of the whole case; *paired*, the median over the timed calls of each call's speed against the sgemm
 peak measured right before and right after it (the larger of the two). On a machine shared with other work, whose
 speed changes for seconds at a time, the paired ratio compares the search and sgemm under the same conditions, while
-the best ratio also depends on whether a long search call happened to fall into a quiet spell. Then it times a
+the best ratio also depends on whether a long search call happened to fall into a quiet spell. With ``--coarse``
+(default) it also times the bf16 coarse pass + exact re-rank (``FVQ_SEARCH_KERNEL=coarse``) against the same sgemm
+peak, with its candidate counts and a check of its indices against the brute force. Then it times a
 forward + backward of ``VectorQuantizer`` at the given ``K:N`` shapes and, with ``--memory-check``, checks that one
 step at K = 262,144, D = 256, N = 32,768 stays under ``--memory-limit-gib`` (4 GiB).
 
@@ -37,7 +41,7 @@ from typing import Any
 
 import torch
 
-from fvq.quantizers.search import fused, nearest_codes
+from fvq.quantizers.search import coarse, dispatch, fused, nearest_codes
 from fvq.quantizers.vq import VectorQuantizer
 
 DEFAULT_CODEBOOK_SIZES = (4096, 16_384, 65_536, 262_144)
@@ -120,17 +124,64 @@ def sgemm_gflops(device: torch.device, size: int = 2048, repeats: int = 7) -> fl
     return 2 * size**3 / _best_time(lambda: torch.mm(a, b, out=out), repeats, device) / 1e9
 
 
+def _cpuinfo_mhz() -> float | None:
+    """Mean ``cpu MHz`` of ``/proc/cpuinfo`` (the clock the kernel reports; a VM's is the host's nominal one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            values = [float(line.split(":", 1)[1]) for line in f if line.startswith("cpu MHz")]
+    except (OSError, ValueError):
+        return None
+    return sum(values) / len(values) if values else None
+
+
+def hardware_peak(threads: int) -> dict[str, Any]:
+    """The FMA peak of ``threads`` cores: cores x GHz x FLOP per cycle, and where each figure comes from.
+
+    FLOP per cycle assumes two FMA pipes per core, each ``lanes`` fp32 wide, counting 2 FLOPs per FMA: 32 with AVX2,
+    64 with AVX-512F, except AMD CPUs with AVX-512 (Zen 4 splits a 512-bit FMA over its 256-bit pipes: 32). The clock
+    is ``/proc/cpuinfo``'s ``cpu MHz``, not a measured one; on a VM it is the host's nominal clock, and turbo or
+    throttling moves the real one.
+    """
+    flags = fused.cpu_flags()
+    amd = fused.cpu_model().startswith("AMD")
+    if "avx512f" in flags:
+        isa, per_cycle = "AVX-512F", 32 if amd else 64
+    elif "avx2" in flags and "fma" in flags:
+        isa, per_cycle = "AVX2 + FMA", 32
+    else:
+        isa, per_cycle = "SSE", 8
+    cores = min(threads, os.cpu_count() or threads)
+    mhz = _cpuinfo_mhz()
+    return {
+        "model": fused.cpu_model(),
+        "isa": isa,
+        "cores": cores,
+        "ghz": mhz / 1000 if mhz else float("nan"),
+        "ghz_source": "/proc/cpuinfo cpu MHz" if mhz else "unknown",
+        "flop_per_cycle": per_cycle,
+        "gflops": cores * (mhz / 1000) * per_cycle if mhz else float("nan"),
+    }
+
+
 def measure_search(
-    codebook_size: int, tokens: int, dim: int, repeats: int, device: torch.device, baseline_max_bytes: int
+    codebook_size: int,
+    tokens: int,
+    dim: int,
+    repeats: int,
+    device: torch.device,
+    baseline_max_bytes: int,
+    coarse_repeats: int = 0,
 ) -> dict[str, Any]:
-    """Time and peak memory of ``nearest_codes`` on random ``(tokens, dim)`` queries and a ``(K, dim)`` codebook."""
+    """Time and peak memory of ``nearest_codes`` on random ``(tokens, dim)`` queries and a ``(K, dim)`` codebook, the
+    kernel ``auto`` chose and why, and with ``coarse_repeats`` the coarse + re-rank search's time and candidates."""
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(tokens, dim, generator=gen).to(device)  # (N, D)
     codebook = torch.randn(codebook_size, dim, generator=gen).to(device)  # (K, D)
     meter = PeakMemory(device)
     meter.start()
-    indices = nearest_codes(z, codebook)  # (N,); first call: warm-up and the measured peak
+    indices = nearest_codes(z, codebook)  # (N,); first call: warm-up, the kernel's choice and the measured peak
     peak_bytes = meter.stop()
+    choice = dispatch.last_choice()
     # On a shared machine other work slows the whole machine for seconds at a time. Each timed search is paired with
     # the sgemm peak measured right before and right after it (the larger of the two counts), so that both see the
     # same conditions; the best search is also compared with the best sgemm of the whole case.
@@ -156,8 +207,12 @@ def measure_search(
         "peak_mib": peak_bytes / 2**20,
         "memory_method": meter.method,
         "threads": torch.get_num_threads(),
-        "kernel": "fused" if fused.wanted(device) else "blocked",
+        "kernel": choice.kernel if choice else "unknown",
+        "kernel_reason": choice.reason if choice else "",
+        "kernel_seconds": choice.seconds if choice else {},
     }
+    if coarse_repeats > 0:
+        result.update(_measure_coarse(z, codebook, indices, coarse_repeats, device))
     if 4 * tokens * codebook_size <= baseline_max_bytes:
 
         def brute_force() -> torch.Tensor:
@@ -169,6 +224,42 @@ def measure_search(
         result["baseline_ratio"] = flops / base_seconds / 1e9 / peak_gflops
         result.update(_compare_with_brute_force(z, codebook, indices))
     return result
+
+
+def _measure_coarse(
+    z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, repeats: int, device: torch.device
+) -> dict[str, Any]:
+    """Time of the coarse + re-rank search on the same inputs, paired with the sgemm peak, its candidate counts, and
+    rows where its indices differ from the chosen kernel's ``indices``."""
+    previous = os.environ.get(dispatch.KERNEL_ENV)
+    os.environ[dispatch.KERNEL_ENV] = "coarse"
+    try:
+        found = nearest_codes(z, codebook)  # warm-up
+        stats = coarse.last_stats()
+        flops = 2 * z.shape[0] * codebook.shape[0] * z.shape[1]
+        seconds, paired, peak = float("inf"), [], 0.0
+        for _ in range(repeats):
+            before = sgemm_gflops(device, repeats=3)
+            call = _best_time(lambda: nearest_codes(z, codebook), 1, device)
+            after = sgemm_gflops(device, repeats=3)
+            paired.append(flops / call / 1e9 / max(before, after))
+            seconds, peak = min(seconds, call), max(peak, before, after)
+    finally:
+        if previous is None:
+            os.environ.pop(dispatch.KERNEL_ENV, None)
+        else:
+            os.environ[dispatch.KERNEL_ENV] = previous
+    return {
+        "coarse_seconds": seconds,
+        "coarse_ratio": flops / seconds / 1e9 / peak,
+        "coarse_paired_ratio": statistics.median(paired),
+        "coarse_mean_candidates": stats.mean_candidates if stats else float("nan"),
+        "coarse_max_candidates": stats.max_candidates if stats else 0,
+        "coarse_fallback_rows": stats.fallback_rows if stats else 0,
+        "coarse_native_bf16": stats.native if stats else False,
+        "coarse_differs": int((found != indices).sum()),
+        "coarse_wrong": _compare_with_brute_force(z, codebook, found)["wrong"],
+    }
 
 
 def _compare_with_brute_force(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> dict[str, int]:
@@ -265,6 +356,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2.0,
         help="run the brute-force torch.mm + argmin baseline where its N x K matrix fits in this many GiB (2)",
     )
+    parser.add_argument(
+        "--coarse",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the bf16 coarse pass + exact re-rank (FVQ_SEARCH_KERNEL=coarse), up to 2 calls a case (on)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (cpu)")
     parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="also write all results to this JSON file")
@@ -274,6 +371,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _child_command(case: str, args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "fvq.bench.search", "--_case", case, "--repeats", str(args.repeats)]
     cmd += ["--dim", str(args.dim), "--device", args.device, "--baseline-max-gib", str(args.baseline_max_gib)]
+    cmd += ["--coarse" if args.coarse else "--no-coarse"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     return cmd
@@ -314,7 +412,10 @@ def _run_case(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     kind, k, n = args._case.split(":")
     if kind == "search":
-        result = measure_search(int(k), int(n), args.dim, args.repeats, device, int(args.baseline_max_gib * 2**30))
+        coarse_repeats = min(2, args.repeats) if args.coarse else 0
+        result = measure_search(
+            int(k), int(n), args.dim, args.repeats, device, int(args.baseline_max_gib * 2**30), coarse_repeats
+        )
     elif kind == "vq":
         result = measure_vq_step(int(k), int(n), args.dim, args.repeats, device)
     elif kind == "vqonce":
@@ -351,8 +452,23 @@ def run(args: argparse.Namespace) -> int:
     )
     peak = sgemm_gflops(device)
     print(f"sgemm peak (fp32 2048 x 2048 torch.mm, best of 7): {peak:.0f} GFLOP/s", flush=True)
+    hardware = hardware_peak(torch.get_num_threads()) if device.type == "cpu" else None
+    if hardware:
+        print(
+            f"hardware FMA peak: {hardware['cores']} cores x {hardware['ghz']:.2f} GHz ({hardware['ghz_source']}) x "
+            f"{hardware['flop_per_cycle']} FLOP/cycle ({hardware['isa']}, two FMA pipes assumed) = "
+            f"{hardware['gflops']:.0f} GFLOP/s; sgemm reaches {peak / hardware['gflops']:.0%} of it. CPU: "
+            f"{hardware['model']}",
+            flush=True,
+        )
     rate = 0.8 * peak * 1e9  # for time estimates only
-    results: dict[str, Any] = {"device": str(device), "sgemm_gflops": peak, "search": [], "vq": []}
+    results: dict[str, Any] = {
+        "device": str(device),
+        "sgemm_gflops": peak,
+        "hardware_peak": hardware,
+        "search": [],
+        "vq": [],
+    }
     started = time.perf_counter()
     failed = False
 
@@ -372,6 +488,7 @@ def run(args: argparse.Namespace) -> int:
                 + flops * (args.repeats + 1) / rate
                 + args.repeats * 6 * 2 * 2048**3 / (peak * 1e9)  # the sgemm calls around each timed search
                 + (flops * args.repeats / (0.4 * peak * 1e9) if baseline else 0)
+                + (flops * 3 / (0.5 * peak * 1e9) if args.coarse else 0)
             )
             res = _run_child(f"search:{k}:{args.tokens}", args, f"[{i}/{len(sizes)}] K = {k}", expected)
             results["search"].append(res)
@@ -388,6 +505,31 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"{r['K']:>8} {_fmt_seconds(r['seconds']):>9} {r['gflops']:>8.0f} {r['sgemm_gflops']:>7.0f} "
                 f"{r['ratio']:>6.0%} {r['paired_ratio']:>7.0%} {r['peak_mib']:>6.0f} MiB   {base}  {r['kernel']}"
+            )
+        print("\nkernel chosen by FVQ_SEARCH_KERNEL / auto, and why:")
+        for r in results["search"]:
+            print(f"  K = {r['K']}: {r['kernel']}: {r['kernel_reason']}")
+        if args.coarse:
+            print(
+                "\ncoarse pass + exact re-rank (FVQ_SEARCH_KERNEL=coarse; x sgemm: the multiple of the fp32 sgemm "
+                "peak, best / paired; candidates: codes re-ranked per row, mean / max; fallback: rows over the cap)"
+            )
+            print(
+                f"{'K':>8} {'time':>9} {'x sgemm':>8} {'paired':>7} {'cand mean':>10} {'max':>5} {'fallback':>9} "
+                f"{'coarse matmul':>26} {'differs':>8} {'wrong':>6}"
+            )
+            for r in results["search"]:
+                how = "bf16 matrix units" if r["coarse_native_bf16"] else "bf16 values in fp32 sgemm"
+                print(
+                    f"{r['K']:>8} {_fmt_seconds(r['coarse_seconds']):>9} {r['coarse_ratio']:>7.2f}x "
+                    f"{r['coarse_paired_ratio']:>6.2f}x {r['coarse_mean_candidates']:>10.2f} "
+                    f"{r['coarse_max_candidates']:>5} {r['coarse_fallback_rows']:>9} {how:>26} "
+                    f"{r['coarse_differs']:>8} {r['coarse_wrong']:>6}"
+                )
+            print(
+                "(differs: rows whose index differs from the chosen kernel's: 0 against a fused kernel, whose fp32 "
+                "order the re-rank shares; fp32 near-ties against the blocked search; wrong: not a near-tie of the "
+                "full-matrix argmin)"
             )
 
     vq_cases = [("vq", k, n) for k, n in args.vq]
@@ -424,7 +566,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")
-    mismatched = any(r.get("wrong", 0) for r in results["search"])
+    mismatched = any(r.get("wrong", 0) or r.get("coarse_wrong", 0) for r in results["search"])
     if mismatched:
         print("error: nearest_codes disagreed with the brute-force argmin (see 'same idx')", file=sys.stderr)
     elif any(r.get("mismatches", 0) for r in results["search"]):

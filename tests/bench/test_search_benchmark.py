@@ -20,9 +20,35 @@ def test_measure_search_agrees_with_brute_force():
     assert len(result["paired_ratios"]) == 3 and all(r > 0 for r in result["paired_ratios"])
     assert result["paired_ratio"] == sorted(result["paired_ratios"])[1]
     assert max(result["paired_ratios"]) >= result["ratio"] * (1 - 1e-9)
-    assert result["kernel"] in ("fused", "blocked")
+    assert result["kernel"] in ("avx2", "blocked") and result["kernel_reason"]
     assert result["wrong"] == 0
     assert result["peak_mib"] >= 0
+    assert "coarse_seconds" not in result  # only when asked
+
+
+def test_measure_search_reports_the_coarse_search(monkeypatch):
+    monkeypatch.setattr(search_benchmark, "sgemm_gflops", lambda device, size=2048, repeats=7: 100.0)  # not timed here
+    result = search_benchmark.measure_search(
+        300, 64, 16, 1, torch.device("cpu"), baseline_max_bytes=2**30, coarse_repeats=1
+    )
+    assert result["coarse_seconds"] > 0 and result["coarse_paired_ratio"] > 0
+    assert 1 <= result["coarse_mean_candidates"] <= result["coarse_max_candidates"] <= 64
+    assert result["coarse_fallback_rows"] == 0 and result["coarse_wrong"] == 0
+    if result["kernel"] == "avx2":  # the re-rank shares the fused kernel's fp32 order
+        assert result["coarse_differs"] == 0
+
+
+def test_hardware_peak_is_cores_times_clock_times_flops_per_cycle(monkeypatch):
+    monkeypatch.setattr(search_benchmark, "_cpuinfo_mhz", lambda: 2450.0)
+    monkeypatch.setattr(search_benchmark.fused, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    peak = search_benchmark.hardware_peak(2)
+    assert peak["isa"] == "AVX2 + FMA" and peak["flop_per_cycle"] == 32 and peak["ghz_source"].startswith("/proc")
+    assert peak["gflops"] == pytest.approx(min(2, peak["cores"]) * 2.45 * 32)
+    monkeypatch.setattr(search_benchmark.fused, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    monkeypatch.setattr(search_benchmark.fused, "cpu_model", lambda: "AMD EPYC 9654 96-Core Processor")
+    assert search_benchmark.hardware_peak(2)["flop_per_cycle"] == 32  # Zen 4: 512-bit FMAs on 256-bit pipes
+    monkeypatch.setattr(search_benchmark.fused, "cpu_model", lambda: "Intel(R) Xeon(R) Platinum 8480+")
+    assert search_benchmark.hardware_peak(2)["flop_per_cycle"] == 64
 
 
 def test_compare_with_brute_force_flags_a_wrong_index():
@@ -78,7 +104,7 @@ def test_bench_search_help_lists_its_options(capsys):
         main(["bench", "search", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--memory-check" in out and "--codebook-sizes" in out
+    assert "--memory-check" in out and "--codebook-sizes" in out and "--coarse" in out
 
 
 @pytest.mark.slow
@@ -87,3 +113,4 @@ def test_bench_search_end_to_end(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "nearest_codes" in out and "VectorQuantizer" in out and "yes" in out
+    assert "hardware FMA peak" in out and "kernel chosen" in out and "coarse pass + exact re-rank" in out
