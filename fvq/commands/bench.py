@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "generator": ("fvq.bench.generator", "GPT training tokens/s and model-FLOP utilisation vs the sgemm peak"),
     "sampling": ("fvq.bench.sampling", "GPT sampling tokens/s with CFG, KV cache vs full recomputation"),
     "step": ("fvq.bench.step", "profile of one tokenizer training step and one validation, by part"),
+    "gpu": ("fvq.bench.gpu", "one timed run on a CUDA machine: tokenizer and GPT training, search, sampling"),
 }
 
 
