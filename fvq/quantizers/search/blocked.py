@@ -1,7 +1,8 @@
 """The blocked sgemm search: exact nearest codes from cache-sized blocks of fp32 distances.
 
-:func:`fvq.quantizers.search.nearest_codes` runs it wherever the fused kernel (:mod:`fvq.quantizers.search.fused`)
-does not: AVX-512 CPUs, GPUs, non-finite inputs, ``FVQ_SEARCH_KERNEL=blocked``. Distances are computed
+:func:`fvq.quantizers.search.nearest_codes` runs it where :mod:`fvq.quantizers.search.dispatch` measures it fastest
+(e.g. AVX-512 Xeons), on GPUs without bf16 units, for non-finite inputs and with ``FVQ_SEARCH_KERNEL=blocked``.
+Distances are computed
 ``(rows, codes)`` at a time on augmented operands, ``[-2 z_i, 1] . [c_k, ||c_k||^2]`` (the bias rides in the matmul
 instead of costing a pass over the block, and the ``-2`` is an exact scaling), by one sgemm per panel of codes sized
 to the L2 cache, each panel's group minima taken right after its sgemm, and each block is then reduced while it is
