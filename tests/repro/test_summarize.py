@@ -1,0 +1,45 @@
+"""Tables and verdicts from summaries, and the page when nothing has run yet."""
+
+from __future__ import annotations
+
+from fvq.repro.claims import CLAIMS
+from fvq.repro.experiments import select
+from fvq.repro.summarize import NOT_RUN, experiment_table, render_results, variant_means
+
+
+def _summary(usage: float, psnr: float, seed: int, restarted: int | None = None) -> dict:
+    metrics = {"usage": usage, "perplexity": 10.0, "dead_codes": 3, "restarted_codes": restarted, "psnr": psnr}
+    return {"seed": seed, "metrics": {**metrics, "lpips": 0.2}, "time": {"wall_s": 120.0}}
+
+
+def test_table_gives_seed_means_with_ranges_and_marks_missing_runs(tiny_suite):
+    variant = select(tiny_suite / "experiments", "tiny/vq_k64")[0]
+    assert NOT_RUN in experiment_table([variant], {})
+    runs = {"vq_k64": [_summary(0.5, 20.0, 0), _summary(0.7, 22.0, 1)]}
+    table = experiment_table([variant], runs)
+    assert "| tiny VQ | 64 | 16 | 2 / 1 | 60.0 % (50.0-70.0) |" in table and "21.00 (20.00-22.00)" in table
+    assert "no restarts" in table
+    assert variant_means(runs["vq_k64"])["usage"] == 0.6
+
+
+def test_fig3_verdict_reads_the_means():
+    fig3 = next(c for c in CLAIMS if c.key == "fig3")
+    means = {name: {"usage": 0.5, "psnr": 20.0} for name in fig3.needs}
+    for k in ("k4096", "k16384"):
+        means[f"bridge_ann_{k}"]["usage"] = 0.99
+        means[f"linear_{k}"]["usage"] = 0.9
+    word, reason = fig3.verdict(means)
+    assert word == "holds" and "usage bridge_ann_k4096 0.99 vs linear_ann_k4096 0.5" in reason
+    means["linear_k16384"]["usage"] = 0.4  # annealing did not lower linear's usage at 16k
+    assert fig3.verdict(means)[0] == "does not hold"
+
+
+def test_the_page_says_not_yet_run_without_results(tiny_suite):
+    out = tiny_suite / "docs" / "results.md"
+    written = render_results(tiny_suite / "experiments", tiny_suite / "results", out, tiny_suite / "figs")
+    assert written == [out]
+    page = out.read_text()
+    assert "0 of 1 runs have results" in page and f"*Plot: {NOT_RUN}.*" not in page  # tiny is no claim's folder
+    assert (
+        "| [fig3](#fig3) | Fig. 3 and Observation 3 | `fig3_usage_curves` | no experiment files | not yet run |" in page
+    )
