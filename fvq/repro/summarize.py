@@ -237,10 +237,12 @@ def render_results(
         "(metrics, curves as data, the command, machine, wall and CPU time), and this page is rebuilt from those "
         "files by `fvq repro summarize`.",
         "",
-        "**Scale.** The tiny f4 autoencoder (1.1 M parameters) on 32 px crops of the photos embedded in "
-        "scikit-image, held-out crops from photos training never sees; hundreds of steps instead of 40 ImageNet "
-        "epochs. A claim that holds here is evidence of the mechanism, not of the paper's numbers; one that does "
-        "not may need the paper's scale.",
+        "**Scale.** The tiny f4 autoencoder (1.1 M parameters; `tiny_var_f4`, VAR's latent layout, for the "
+        "multi-scale runs) on 32 px crops of the photos embedded in scikit-image, held-out crops from photos "
+        "training never sees; hundreds of steps at batch 32 instead of 40 ImageNet epochs; no LPIPS or GAN loss in "
+        "training. A claim that holds here is evidence of the mechanism, not of the paper's numbers; one that does "
+        "not may need the paper's scale. Budgets are wall minutes per seed on a 2-core CPU, estimated from short "
+        "step-time probes on a shared 2-core AMD EPYC; each summary records the time the run really took.",
         "",
         "**Protocol** (`fvq/repro/protocol.py`). Held-out codebook usage over the whole held-out set with at least "
         "64 tokens per code (the runner refuses a smaller set before training), the curve of usage against the "
