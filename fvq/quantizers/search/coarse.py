@@ -174,7 +174,9 @@ def nearest_codes_coarse(
     c32 = codebook.float()
     native_rerank = device.type == "cpu" and fused.available("avx2")[0]
     c_t = None if native_rerank else c32.t().contiguous()  # (D, K): one row per input channel for the gathers
-    cb_t = codebook.to(torch.bfloat16).t()  # (D, K)
+    native = native_bf16(device)
+    cb = codebook.to(torch.bfloat16)  # (K, D)
+    cb_t = (cb if native else cb.float()).t()  # (D, K): bf16, or its values in fp32 for sgemm, converted once
     gamma_d = d * _U32 / (1 - d * _U32)
     code_sq_max = float(code_sq.max())
     code_norm_max = math.sqrt(max(code_sq_max, 0.0) / (1 - gamma_d)) * _SLACK
@@ -184,13 +186,15 @@ def nearest_codes_coarse(
     bf16_output = False
     for i in range(0, n, rows_per_block):
         zi = z32[i : i + rows_per_block]  # (r, D)
-        q, bf16_output = _coarse_dot(zi.to(torch.bfloat16), cb_t)  # (r, K)
+        zb = zi.to(torch.bfloat16)  # (r, D)
+        q, bf16_output = _coarse_dot(zb if native else zb.float(), cb_t)  # (r, K)
         dist = q.mul_(-2.0).add_(code_sq)  # (r, K) coarse distances
         best = dist.amin(dim=1)  # (r,)
         margin = coarse_margin(zi.double().norm(dim=1), code_norm_max, code_sq_max, d, bf16_output)  # (r,)
         threshold = (best.double() + margin).float()  # (r,)
         threshold = torch.nextafter(threshold, torch.full_like(threshold, math.inf))  # round up
-        count = (dist <= threshold[:, None]).sum(dim=1)  # (r,)
+        keep = dist <= threshold[:, None]  # (r, K) the codes that could be nearest
+        count = torch.count_nonzero(keep, dim=1)  # (r,)
         settled = torch.isfinite(threshold) & torch.isfinite(best) & (count <= cap)  # (r,)
         most = max(most, int(count.max()))
         rows = settled.nonzero().squeeze(1)  # (m,)
@@ -201,7 +205,7 @@ def nearest_codes_coarse(
         width = int(count[rows].max())
         counted += rows.numel()
         total += int(count[rows].sum())
-        cand = torch.topk(dist[rows], width, dim=1, largest=False).indices.sort(dim=1).values  # (m, C) ascending
+        cand = _candidates(keep if rows.numel() == keep.shape[0] else keep.index_select(0, rows), count[rows], width)
         if native_rerank:  # the fused kernels' library: scalar fmaf chains, the same arithmetic
             found = torch.empty(rows.numel(), dtype=torch.long)
             out[rows + i] = fused.rerank(zi[rows], c32, code_sq, cand, found)
@@ -222,9 +226,20 @@ def nearest_codes_coarse(
         fallback_rows=int(missing.numel()),
         cap=cap,
         bf16_output=bf16_output,
-        native=native_bf16(device),
+        native=native,
     )
     return out
+
+
+def _candidates(keep: Tensor, count: Tensor, width: int) -> Tensor:
+    """The kept codes of each row in ascending order, ``(m, width)`` int64, padded with the row's first code (a
+    repeat cannot change the first minimum), from the ``(m, K)`` mask ``keep`` and its row counts ``(m,)``."""
+    row, code = keep.nonzero(as_tuple=True)  # (M,), (M,): row-major, so ascending codes within a row
+    start = torch.cumsum(count, dim=0) - count  # (m,) first entry of each row
+    cand = torch.empty(keep.shape[0], width, dtype=torch.long, device=keep.device)
+    cand[:, :] = code[start.clamp(max=max(0, code.numel() - 1))][:, None]  # every row holds at least its minimum
+    cand[row, torch.arange(row.numel(), device=keep.device) - start[row]] = code
+    return cand
 
 
 def _rerank(a: Tensor, cand: Tensor, c_t: Tensor, code_sq: Tensor) -> Tensor:
