@@ -16,9 +16,10 @@ mapping ``C -> D`` (``LinearProjector(input_dim=C)``, filled in by the config bu
 A features source (all keys but ``type``, ``images`` optional)::
 
     {"type": "features", "encoder": "vgg16", "layer": "relu3_3", "images": {"type": "folder", "path": DIR,
-     "image_size": 224}, "num_images": 1000, "batch_size": 32, "seed": 0}
+     "image_size": 224}, "split": "train", "num_images": 1000, "batch_size": 32, "seed": 0}
 
-``images`` is a dataset config of :func:`fvq.data.build.build_dataset` (its ``val`` split: deterministic crops);
+``images`` is a dataset config of :func:`fvq.data.build.build_dataset`, read in its ``split`` (default ``train``, the
+images the tokenizer trains on: the codebook must not see held-out images; its crops are a pure function of the seed);
 every spatial position of the chosen layer is one feature vector. Encoders are looked up in :data:`FEATURE_ENCODERS`;
 :func:`register_feature_encoder` adds one. ``vgg16`` is the ImageNet VGG16 trunk that LPIPS ships offline
 (:mod:`fvq.losses.lpips`; no download), with LPIPS's input scaling for images in ``[-1, 1]``. The image encoder and
@@ -38,7 +39,7 @@ from fvq.quantizers.kmeans import kmeans
 from fvq.quantizers.search import DEFAULT_MAX_CHUNK_BYTES
 
 KMEANS_SOURCES = ("latents", "features")
-FEATURES_KEYS = ("type", "encoder", "layer", "images", "num_images", "batch_size", "seed")
+FEATURES_KEYS = ("type", "encoder", "layer", "images", "split", "num_images", "batch_size", "seed")
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,9 @@ def check_kmeans_source(source: str | Mapping[str, Any]) -> dict[str, Any] | Non
     config.setdefault("num_images", 1000)
     config.setdefault("batch_size", 32)
     config.setdefault("seed", 0)
+    config.setdefault("split", "train")
+    if config["split"] not in ("train", "val", "test"):
+        raise ValueError(f"kmeans_source split must be 'train', 'val' or 'test', got {config['split']!r}")
     for key in ("num_images", "batch_size"):
         if not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1:
             raise ValueError(f"kmeans_source {key} must be an integer >= 1, got {config[key]!r}")
@@ -186,10 +190,10 @@ def encoder_features(encoder: nn.Module, images: Iterable[Tensor], device: torch
 
 
 def source_images(source: Mapping[str, Any]) -> Iterable[Tensor]:
-    """Batches of the first ``num_images`` images of the source's dataset (``val`` split: deterministic crops)."""
+    """Batches of the first ``num_images`` images of the source's dataset, in the source's ``split``."""
     from fvq.data.build import build_dataset  # the layer above; imported only when asked for
 
-    dataset = build_dataset(source["images"], "val")
+    dataset = build_dataset(source["images"], source["split"])
     count = min(source["num_images"], len(dataset))
     batch: list[Tensor] = []
     for i in range(count):

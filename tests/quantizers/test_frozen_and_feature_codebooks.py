@@ -118,11 +118,24 @@ def test_mlp_projector_defaults_to_the_authors_relu_and_takes_gelu_by_name():
 
 
 # ---- feature-initialised codebook (VQGAN-LC) ---------------------------------------------------------------------
+def test_features_come_from_the_training_split_by_default():
+    """The codebook is built from the images the tokenizer trains on, never from the held-out photos."""
+    from fvq.data.build import build_dataset
+
+    source = check_kmeans_source(SOURCE)
+    images = torch.cat(list(source_images(source)))  # (4, 3, 32, 32)
+    train = build_dataset(IMAGES, "train")
+    assert torch.equal(images, torch.stack([train[i].image for i in range(4)]))
+    held_out = torch.cat(list(source_images(check_kmeans_source({**SOURCE, "split": "val"}))))
+    assert not torch.equal(images, held_out)
+
+
 def test_features_source_is_checked_with_clear_messages():
     assert check_kmeans_source("latents") is None
     filled = check_kmeans_source(SOURCE)
-    assert filled["seed"] == 0 and filled["batch_size"] == 32
+    assert filled["seed"] == 0 and filled["batch_size"] == 32 and filled["split"] == "train"
     bad = [
+        ({**SOURCE, "split": "holdout"}, "split must be 'train', 'val' or 'test'"),
         ({**SOURCE, "encoder": "clip"}, "encoder must be one of"),
         ({**SOURCE, "layer": "relu9"}, "has layers"),
         ({k: v for k, v in SOURCE.items() if k != "images"}, "needs 'images'"),
