@@ -259,19 +259,17 @@ class Tokenizer(nn.Module):
         """Token ids to images. In eval mode ``decode(encode(x))`` equals ``forward(x).reconstruction``.
 
         Args:
-            indices: ``(B, h, w)`` integer ids (plus a trailing axis for multi-code quantizers).
+            indices: Integer ids with the quantizer's :attr:`~fvq.quantizers.base.Quantizer.index_shape`: ``(B, h, w)``
+                (plus a trailing axis for multi-code quantizers; ``(B, L)`` for the multi-scale one).
 
         Returns:
             ``(B, 3, h * f, w * f)`` images.
         """
         if not isinstance(indices, Tensor):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
-        expected_rank = 3 if self.quantizer.codes_per_position == 1 else 4
-        if indices.ndim != expected_rank:
-            raise ValueError(
-                f"indices must have {expected_rank} axes (B, h, w{'' if expected_rank == 3 else ', codes'}), "
-                f"got shape {tuple(indices.shape)}"
-            )
+        layout = self.quantizer.index_shape  # e.g. "(B, h, w)"
+        if indices.ndim != layout.count(",") + 1:
+            raise ValueError(f"indices must have the axes {layout} of this quantizer, got shape {tuple(indices.shape)}")
         latents = self.quantizer.decode(indices)  # (B, D, h, w)
         return self.decode_latents(latents)  # (B, 3, h * f, w * f)
 

@@ -141,6 +141,12 @@ class Quantizer(nn.Module):
     codebook_size: int
     codes_per_position: int = 1
 
+    @property
+    def index_shape(self) -> str:
+        """The axes of the indices ``encode`` returns and ``decode`` takes: ``"(B, h, w)"`` for one code per
+        position, ``"(B, h, w, codes)"`` for several; a quantizer with another token layout overrides it."""
+        return "(B, h, w)" if self.codes_per_position == 1 else "(B, h, w, codes)"
+
     # ---------------------------------------------------------------------------------------------------------------
     # what the trainer needs to know
     def sub_quantizers(self) -> list[Quantizer]:

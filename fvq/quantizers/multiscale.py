@@ -88,6 +88,7 @@ class MultiScaleResidualQuantizer(Quantizer):
     """
 
     codes_per_position = 1
+    index_shape = "(B, L)"  # the scales' token maps flattened and concatenated, coarsest first
 
     def __init__(
         self,

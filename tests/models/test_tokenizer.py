@@ -57,6 +57,26 @@ def test_decode_of_encode_equals_forward_in_eval():
         assert torch.equal(tok.decode_latents(tok.quantizer.decode(tok.quantizer.encode(latents))), out.reconstruction)
 
 
+def test_multiscale_tokens_decode_through_the_tokenizer():
+    """The multi-scale quantizer's indices are one flat sequence per image, (B, L): decode takes them as they are."""
+    torch.manual_seed(0)
+    quantizer = {
+        "type": "multiscale",
+        "scales": [1, 2, 4],
+        "quantizer": {"type": "vq", "codebook_size": 64, "codebook_dim": 16},
+    }
+    tok = Tokenizer.from_config({"model": {"preset": "tiny_f4"}, "quantizer": quantizer}).eval()
+    assert tok.quantizer.index_shape == "(B, L)"
+    x = _images()  # 16 px -> 4 x 4 latents: 1 + 4 + 16 tokens
+    with torch.no_grad():
+        out = tok(x)
+        indices = tok.encode(x)
+        assert indices.shape == (2, 21)
+        assert torch.equal(tok.decode(indices), out.reconstruction)
+    with pytest.raises(ValueError, match="axes \\(B, L\\)"):
+        tok.decode(indices.reshape(2, 3, 7))
+
+
 @pytest.mark.parametrize(
     "quantizer",
     [
@@ -182,7 +202,7 @@ def test_clear_errors(tmp_path):
         tok(torch.zeros(3, 32, 32))
     with pytest.raises(TypeError, match="floating-point"):
         tok(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="3 axes"):
+    with pytest.raises(ValueError, match="axes \\(B, h, w\\)"):
         tok.decode(torch.zeros(4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="must lie in"):
         tok.decode(torch.full((1, 4, 4), 64))
