@@ -253,7 +253,7 @@ def count_step_syncs(engine: Any, batch: Any, step: int) -> dict[str, Any]:
             torch.cuda.set_sync_debug_mode(0)
         torch.cuda.synchronize()
         out["cuda_syncs_reported"] = len(caught)
-        out["cuda_sync_sites"] = sorted({str(w.message).splitlines()[0][:160] for w in caught})[:10]
+        out["cuda_sync_sites"] = sorted({f"{w.filename}:{w.lineno}" for w in caught})[:20]  # the Python callers
     return out
 
 
