@@ -4,8 +4,10 @@
 
 Builds the run of CONFIG (default ``tiny_fvq``) in a temporary folder, runs two warm-up steps, counts the reads of
 one step with :func:`fvq.training.host_syncs.count_host_syncs` (a lower bound: reads inside torch's C++ code are not
-seen), then times ten steps (no logging, validation or checkpoints). On a CUDA machine it also runs one step under
-``torch.cuda.set_sync_debug_mode("warn")``, which reports every synchronisation the CUDA runtime sees.
+seen), then times ten steps (no logging, validation or checkpoints; a step itself reads nothing of the engine's: its
+skip counts wait for the log step). On a CUDA machine it also runs one step under
+``torch.cuda.set_sync_debug_mode("warn")``, which reports every synchronisation the CUDA runtime sees, and prints
+the Python lines that caused them.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def main(argv: list[str]) -> None:
             torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode(0)
         print(f"CUDA synchronisations reported in one step: {len(caught)}")
+        for site in sorted({f"{w.filename}:{w.lineno}" for w in caught}):
+            print(f"  from {site}")
     start = time.perf_counter()
     for step in range(3, 13):
         engine.train_step(batches[step], step)

@@ -468,10 +468,13 @@ class Engine:
         """``model`` sharded with FSDP2 when several processes run: each of ``units`` (e.g. transformer blocks) gets
         its own parameter group, then the root takes the rest. Parameters, gradients and optimizer states are split
         over the ranks; each unit's parameters are gathered just for its forward and backward. One process: the
-        model as it is.
+        model as :meth:`wrap` prepares it (memory format, compilation).
         """
         if not self.ctx.distributed:
-            return model
+            return self.wrap(model)
+        if compile_options(self.config.compile) is not None:
+            raise ValueError("compile is not supported with FSDP sharding yet; use sharding: ddp or compile: false")
+        self.prepare(model)
         from torch.distributed.fsdp import fully_shard
 
         for unit in units:
