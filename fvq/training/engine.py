@@ -360,7 +360,8 @@ class Engine:
     Args:
         config: The run's config (a :class:`fvq.training.config.TrainConfig` or another with the same run fields:
             ``global_batch_size``, ``grad_accum_steps``, ``max_steps``, ``epochs``, ``precision``, ``seed``,
-            ``num_workers``, ``log_every``, ``val_every``, ``checkpoint_every``, ``keep_checkpoints``,
+            ``num_workers``, ``pin_memory``, ``persistent_workers``, ``prefetch_factor``, ``channels_last``,
+            ``compile``, ``log_every``, ``val_every``, ``checkpoint_every``, ``keep_checkpoints``,
             ``max_nonfinite_steps``, ``tensorboard``, ``optim.grad_clip``, ``schedule``, and ``to_dict()``).
         run_dir: The run folder.
         ctx: Process placement (from :func:`fvq.distributed.init_distributed`).
