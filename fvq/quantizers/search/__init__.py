@@ -84,7 +84,7 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
     Raises:
         TypeError: if an input is not a floating-point tensor.
         ValueError: on wrong ranks, different ``D``, an empty codebook, different devices or a bound below 4 bytes,
-            or an unknown ``FVQ_SEARCH_KERNEL``.
+            or an unknown ``FVQ_SEARCH_KERNEL`` / ``FVQ_SEARCH_TUNING``.
         FusedKernelUnavailable: with ``FVQ_SEARCH_KERNEL`` naming a fused kernel that cannot run here.
     """
     _check_search_inputs(z, codebook, max_chunk_bytes)

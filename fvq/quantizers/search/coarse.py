@@ -165,6 +165,9 @@ def nearest_codes_coarse(
         exact: The exact path for rows the bound cannot settle: ``(r, D)`` queries -> ``(r,)`` int64 indices.
         cap: Most candidates re-ranked per row; rows with more go to ``exact``.
 
+    Memory: one ``(rows, K)`` fp32 block of coarse distances within ``max_chunk_bytes`` and its ``(rows, K)`` mask,
+    plus a bf16 copy of the codebook (and, without bf16 units, its values in fp32: ``K x D`` floats).
+
     Returns:
         ``out``: ``(N,)`` int64 indices into ``codebook``.
     """

@@ -23,6 +23,7 @@ does not need the ISA, running does. A kernel is called through ``ctypes`` with 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -80,8 +81,9 @@ _libraries: dict[str, ctypes.CDLL] = {}
 _failures: dict[str, str] = {}
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read); read once a process."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -92,8 +94,9 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.cache
 def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` (``unknown CPU`` where it cannot be read)."""
+    """The CPU's model name from ``/proc/cpuinfo`` (``unknown CPU`` where it cannot be read); read once a process."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
