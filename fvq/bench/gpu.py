@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from fvq.bench.search import best_time
+
 # data-sheet dense bf16 peaks (TFLOP/s, without sparsity) of the GPUs this check is meant for
 SPEC_BF16_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.0, "A100": 312.0}
 
@@ -121,14 +123,7 @@ def _sync(device: torch.device) -> None:
 def _timed(fn: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
     """Shortest of ``repeats`` calls of ``fn`` in seconds, after one untimed call."""
     fn()
-    best = math.inf
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_time(fn, repeats, device)
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int, tf32: bool = False) -> float:

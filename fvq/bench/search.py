@@ -102,7 +102,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+def best_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
     """Shortest of ``repeats`` timed calls, in seconds (the least disturbed by other work on a shared machine)."""
     best = float("inf")
     for _ in range(max(1, repeats)):
@@ -121,7 +121,7 @@ def sgemm_gflops(device: torch.device, size: int = 2048, repeats: int = 7) -> fl
     b = torch.randn(size, size, generator=gen).to(device)
     out = torch.empty(size, size, device=device)
     torch.mm(a, b, out=out)  # warm-up
-    return 2 * size**3 / _best_time(lambda: torch.mm(a, b, out=out), repeats, device) / 1e9
+    return 2 * size**3 / best_time(lambda: torch.mm(a, b, out=out), repeats, device) / 1e9
 
 
 def _cpuinfo_mhz() -> float | None:
@@ -189,7 +189,7 @@ def measure_search(
     peak_gflops, seconds, paired = sgemm_gflops(device), float("inf"), []
     for _ in range(repeats):
         before = sgemm_gflops(device, repeats=3)
-        call = _best_time(lambda: nearest_codes(z, codebook), 1, device)
+        call = best_time(lambda: nearest_codes(z, codebook), 1, device)
         after = sgemm_gflops(device, repeats=3)
         paired.append(flops / call / 1e9 / max(before, after))
         seconds = min(seconds, call)
@@ -219,7 +219,7 @@ def measure_search(
             dist = torch.addmm(codebook.square().sum(dim=1), z, codebook.t(), alpha=-2.0)  # (N, K), all at once
             return dist.argmin(dim=1)
 
-        base_seconds = _best_time(brute_force, max(1, repeats - 1), device)
+        base_seconds = best_time(brute_force, max(1, repeats - 1), device)
         result["baseline_seconds"] = base_seconds
         result["baseline_ratio"] = flops / base_seconds / 1e9 / peak_gflops
         result.update(_compare_with_brute_force(z, codebook, indices))
@@ -240,7 +240,7 @@ def _measure_coarse(
         seconds, paired, peak = float("inf"), [], 0.0
         for _ in range(repeats):
             before = sgemm_gflops(device, repeats=3)
-            call = _best_time(lambda: nearest_codes(z, codebook), 1, device)
+            call = best_time(lambda: nearest_codes(z, codebook), 1, device)
             after = sgemm_gflops(device, repeats=3)
             paired.append(flops / call / 1e9 / max(before, after))
             seconds, peak = min(seconds, call), max(peak, before, after)
@@ -294,7 +294,7 @@ def measure_vq_step(codebook_size: int, tokens: int, dim: int, repeats: int, dev
     step()  # first step: warm-up and the measured peak
     first = time.perf_counter() - first_start
     peak_bytes = meter.stop()
-    seconds = _best_time(step, repeats, device) if repeats > 0 else first
+    seconds = best_time(step, repeats, device) if repeats > 0 else first
     return {
         "K": codebook_size,
         "N": tokens,
