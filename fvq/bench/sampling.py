@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -42,10 +41,11 @@ import torch
 from fvq.bench.search import PeakMemory
 from fvq.generation import build_gpt, generate
 from fvq.generation.sampling import apply_guidance, gumbel_noise, sample_from_logits
+from fvq.quantizers.search import fused
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``lscpu``, else ``/proc/cpuinfo``, else :func:`platform.processor`)."""
+    """The CPU's model name (``lscpu``, else ``/proc/cpuinfo`` as the search kernels read it)."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=True).stdout
         for line in out.splitlines():
@@ -53,14 +53,7 @@ def cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return fused.cpu_model()
 
 
 def _sync(device: torch.device) -> None:

@@ -141,36 +141,6 @@ class TrainingTask(Protocol):
     def validate(self, engine: Engine, step: int) -> dict[str, float]:
         """Held-out figures (``val/...``), reduced over ranks; rank 0 may write pictures into the run folder."""
 
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped so far as of the last sync point (:meth:`read_guard` reads the exact count)."""
-        return self.guard.skipped
-
-    def read_guard(self, scalars: dict[str, Tensor] | None = None) -> tuple[int, dict[str, float]]:
-        """Read the skip counts (with ``scalars``, reduced over ranks: one read for all) and stop the run when too
-        many steps in a row were skipped.
-
-        Returns:
-            ``(skipped_steps, values)``: the exact count so far and the reduced ``scalars``.
-        """
-        values = reduce_scalars({**(scalars or {}), **self.guard.as_scalars()}, self.device)
-        if self.guard.update_from(values):
-            self.logger.log(
-                self.step,
-                {
-                    "train/skipped_nonfinite": float(self.guard.skipped),
-                    "train/last_skipped_step": self.guard.last_skipped,
-                },
-            )
-        if self.guard.longest_run >= self.config.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"{self.guard.longest_run} consecutive steps had a non-finite loss or gradient (last at step "
-                f"{self.guard.last_skipped}; {self.guard.skipped} skipped in all); stopping without writing "
-                f"non-finite weights (skipped steps never change them). Lower the learning rate or check the data; "
-                f"the last good checkpoint is {self.last_checkpoint}"
-            )
-        return self.guard.skipped, values
-
     def state_dict(self) -> dict[str, Any]:
         """Task state beyond the model and optimizers (e.g. a loss module's buffers)."""
 
