@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fvq.bench.search import PeakMemory, _status_kib, _sync, sgemm_gflops
+from fvq.bench.search import PeakMemory, _status_kib, sgemm_gflops, sync_device
 from fvq.generation.gpt import GPTConfig
 
 DEFAULT_CASES = ("gpt_tiny:32", "gpt_b:4")
@@ -127,10 +127,10 @@ def measure_training(
         times = []
         for step in range(warmup + steps):
             micro = next(batches)
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             applied, _ = engine.train_step(micro, step)
-            _sync(device)
+            sync_device(device)
             if step >= warmup:
                 times.append(time.perf_counter() - t0)
             assert applied, "a benchmark step was not finite"

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from fvq.bench.search import best_time
+from fvq.bench.search import best_time, sync_device
 
 # data-sheet dense bf16 peaks (TFLOP/s, without sparsity) of the GPUs this check is meant for
 SPEC_BF16_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.0, "A100": 312.0}
@@ -115,11 +115,6 @@ SMOKE = Sizes(
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
     """Shortest of ``repeats`` calls of ``fn`` in seconds, after one untimed call."""
     fn()
@@ -306,7 +301,7 @@ def tokenizer_case(
         t0 = time.perf_counter()
         for step in range(sizes.warmup):
             engine.train_step(next(batches), step)
-        _sync(device)
+        sync_device(device)
         warmup_s = time.perf_counter() - t0
         waited = 0.0
         start = time.perf_counter()
@@ -316,7 +311,7 @@ def tokenizer_case(
             waited += time.perf_counter() - t
             engine.train_step(micro, step)
         skipped, _ = engine.read_guard()  # the one read: also waits for the last step
-        _sync(device)
+        sync_device(device)
         seconds = time.perf_counter() - start
         peak = memory.stop()
         step_s = seconds / sizes.steps
@@ -418,12 +413,12 @@ def generator_case(preset: str, batch: int, sizes: Sizes, device: torch.device, 
         memory.start()
         for step in range(2):  # warm-up
             engine.train_step(batches[step], step)
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         for step in range(2, 2 + steps):
             engine.train_step(batches[step], step)
         skipped, _ = engine.read_guard()
-        _sync(device)
+        sync_device(device)
         seconds = (time.perf_counter() - start) / steps
         peak = memory.stop()
         gpt = task.gpt.config

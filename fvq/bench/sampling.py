@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from fvq.bench.search import PeakMemory
+from fvq.bench.search import PeakMemory, sync_device
 from fvq.generation import build_gpt, generate
 from fvq.generation.sampling import apply_guidance, gumbel_noise, sample_from_logits
 from fvq.quantizers.search import fused
@@ -56,13 +56,8 @@ def cpu_model() -> str:
     return fused.cpu_model()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _now(device: torch.device) -> float:
-    _sync(device)
+    sync_device(device)
     return time.perf_counter()
 
 

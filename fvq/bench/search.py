@@ -97,7 +97,8 @@ def _status_kib(field: str) -> int:
 
 
 # ---- timed cases ----------------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on CPU, whose calls return when done."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -106,10 +107,10 @@ def best_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> floa
     """Shortest of ``repeats`` timed calls, in seconds (the least disturbed by other work on a shared machine)."""
     best = float("inf")
     for _ in range(max(1, repeats)):
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         best = min(best, time.perf_counter() - t0)
     return best
 

@@ -55,8 +55,9 @@ class _Clock:
         self.stamps: dict[str, list[float]] = defaultdict(list)
 
     def now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        from fvq.bench.search import sync_device
+
+        sync_device(self.device)
         return time.perf_counter()
 
     def mark(self, key: str) -> None:

@@ -98,6 +98,16 @@ def soft_assignment_entropy(
     return SoftEntropy(sample_entropy=h_sum / count, batch_entropy=entropy(avg_p))
 
 
+def _subsample_codes(codes: Tensor, max_codes: int | None, generator: torch.Generator | None) -> Tensor:
+    """``max_codes`` random rows of ``codes`` (all of them when there are no more): the subset the pairwise codebook
+    terms average over, an unbiased estimate of the mean over all pairs."""
+    k = codes.shape[0]
+    if max_codes is None or k <= max_codes:
+        return codes
+    rows = torch.randperm(k, generator=generator, device=codes.device)[:max_codes]
+    return codes.index_select(0, rows)
+
+
 def orthogonality_loss(codes: Tensor, max_codes: int | None = 1024, generator: torch.Generator | None = None) -> Tensor:
     """Mean squared cosine similarity between distinct codes (survey 6.4.1).
 
@@ -114,11 +124,8 @@ def orthogonality_loss(codes: Tensor, max_codes: int | None = 1024, generator: t
     Returns:
         Scalar fp32 loss.
     """
+    codes = _subsample_codes(codes, max_codes, generator)  # (k, D)
     k = codes.shape[0]
-    if max_codes is not None and k > max_codes:
-        rows = torch.randperm(k, generator=generator, device=codes.device)[:max_codes]
-        codes = codes.index_select(0, rows)
-        k = max_codes
     if k < 2:
         return codes.new_zeros((), dtype=torch.float32)
     c = F.normalize(codes.float(), dim=-1)  # (k, D)
@@ -199,11 +206,8 @@ def codebook_repulsion_loss(
     """
     if temperature <= 0:
         raise ValueError(f"repulsion temperature must be > 0, got {temperature}")
+    codes = _subsample_codes(codes, max_codes, generator)  # (k, D)
     k = codes.shape[0]
-    if max_codes is not None and k > max_codes:
-        rows = torch.randperm(k, generator=generator, device=codes.device)[:max_codes]
-        codes = codes.index_select(0, rows)
-        k = max_codes
     if k < 2:
         return codes.new_zeros((), dtype=torch.float32)
     c = codes.float()  # (k, D)
