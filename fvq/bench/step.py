@@ -212,10 +212,14 @@ def run(args: argparse.Namespace) -> int:
     from fvq.training.engine import Engine, flush_denormals
     from fvq.training.tokenizer_task import TokenizerTask
 
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got --steps {args.steps} --warmup {args.warmup}")
     if args.threads:
         torch.set_num_threads(args.threads)
     flush_denormals()
     config = load_config(args.config, ["tensorboard=false", *args.overrides])
+    if config.task != "tokenizer":
+        raise ValueError(f"fvq bench step profiles tokenizer training; {args.config} is a {config.task} config")
     ctx = init_distributed(config.device)
     with tempfile.TemporaryDirectory() as run_dir:
         engine = Engine(config, run_dir, ctx)

@@ -64,3 +64,10 @@ def test_command_prints_both_tables(capsys):
     for part in STEP_PARTS:
         assert f"| {part} |" in out
     assert "one validation (64 held-out images, 16 decoded)" in out
+
+
+def test_bad_input_is_refused_with_the_reason(capsys):
+    assert main(["bench", "step", "tiny_fvq", "--steps", "0"]) != 0
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "step", "gpt_demo_c2i"]) != 0
+    assert "gpt_demo_c2i is a generator config" in capsys.readouterr().err
