@@ -26,6 +26,7 @@ the memory allocated before the call.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -277,8 +278,16 @@ def _compare_with_brute_force(z: torch.Tensor, codebook: torch.Tensor, indices: 
     return {"mismatches": int(differ.sum()), "wrong": int((differ[:, None] & (gap > tolerance)).sum())}
 
 
-def measure_vq_step(codebook_size: int, tokens: int, dim: int, repeats: int, device: torch.device) -> dict[str, Any]:
-    """Time and peak memory of one ``VectorQuantizer`` forward + backward on ``(tokens, dim)`` inputs."""
+def measure_vq_step(
+    codebook_size: int, tokens: int, dim: int, repeats: int, device: torch.device, against_lucidrains: bool = False
+) -> dict[str, Any]:
+    """Time and peak memory of one ``VectorQuantizer`` forward + backward on ``(tokens, dim)`` inputs.
+
+    With ``against_lucidrains``, vector-quantize-pytorch's ``VectorQuantize`` (its defaults: EMA codebook, Euclidean
+    distance) runs the same forward + backward on the same input in the same process: its first step's memory is
+    measured after fvq's (so it may reuse memory fvq's step freed: the comparison can only flatter it), then the
+    timed calls alternate between the two, and ``speedup`` is the median of the paired ratios.
+    """
     torch.manual_seed(0)
     quantizer = VectorQuantizer(codebook_size, dim, init="normal", init_scale=1.0).to(device).train()
     z = torch.randn(tokens, dim, device=device, requires_grad=True)  # (N, D)
@@ -290,22 +299,68 @@ def measure_vq_step(codebook_size: int, tokens: int, dim: int, repeats: int, dev
         z.grad = None
 
     meter = PeakMemory(device)
-    meter.start()
-    first_start = time.perf_counter()
-    step()  # first step: warm-up and the measured peak
-    first = time.perf_counter() - first_start
-    peak_bytes = meter.stop()
-    seconds = best_time(step, repeats, device) if repeats > 0 else first
-    return {
+
+    def first_step(fn: Callable[[], None]) -> tuple[float, int]:
+        meter.start()
+        start = time.perf_counter()
+        fn()  # first step: warm-up and the measured peak
+        sync_device(device)
+        return time.perf_counter() - start, meter.stop()
+
+    first, peak_bytes = first_step(step)
+    result: dict[str, Any] = {
         "K": codebook_size,
         "N": tokens,
         "D": dim,
-        "seconds": seconds,
         "peak_mib": peak_bytes / 2**20,
         "memory_method": meter.method,
-        "process_peak_mib": _status_kib("VmHWM") / 1024 if device.type == "cpu" else float("nan"),
         "threads": torch.get_num_threads(),
     }
+    if not against_lucidrains:
+        result["seconds"] = best_time(step, repeats, device) if repeats > 0 else first
+        result["process_peak_mib"] = _status_kib("VmHWM") / 1024 if device.type == "cpu" else float("nan")
+        return result
+
+    other, version = _lucidrains_quantizer(codebook_size, dim, device)
+    z3 = z.detach()[None].clone().requires_grad_(True)  # (1, N, D): its (batch, sequence, dim) layout
+
+    def other_step() -> None:
+        quantized, _, loss = other(z3)
+        (loss.sum() + quantized.square().mean()).backward()
+        other.zero_grad(set_to_none=True)
+        z3.grad = None
+
+    other_first, other_peak = first_step(other_step)
+    ours, theirs = [], []
+    for _ in range(max(1, repeats)):
+        ours.append(best_time(step, 1, device))
+        theirs.append(best_time(other_step, 1, device))
+    result.update(
+        seconds=min(ours) if repeats > 0 else first,
+        lucidrains_version=version,
+        lucidrains_seconds=min(theirs) if repeats > 0 else other_first,
+        lucidrains_peak_mib=other_peak / 2**20,
+        speedup=statistics.median(t / o for o, t in zip(ours, theirs)),
+        process_peak_mib=_status_kib("VmHWM") / 1024 if device.type == "cpu" else float("nan"),
+    )
+    return result
+
+
+_LUCIDRAINS_MISSING = (
+    "error: --against-vector-quantize-pytorch needs the package vector-quantize-pytorch, which fvq does not depend on: "
+    "pip install vector-quantize-pytorch into this environment after torch (so pip keeps the installed torch)"
+)
+
+
+def _lucidrains_quantizer(codebook_size: int, dim: int, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """vector-quantize-pytorch's ``VectorQuantize`` with its defaults, or an error saying how to install it."""
+    try:
+        from importlib.metadata import version
+
+        from vector_quantize_pytorch import VectorQuantize
+    except ImportError as err:
+        raise SystemExit(_LUCIDRAINS_MISSING) from err
+    return VectorQuantize(dim=dim, codebook_size=codebook_size).to(device).train(), version("vector-quantize-pytorch")
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------
@@ -363,6 +418,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="also time the bf16 coarse pass + exact re-rank (FVQ_SEARCH_KERNEL=coarse), up to 2 calls a case (on)",
     )
+    parser.add_argument(
+        "--against-vector-quantize-pytorch",
+        action="store_true",
+        help="also run vector-quantize-pytorch's VectorQuantize (defaults) on each --vq case in the same process, "
+        "alternating timed calls, and print fvq's speed-up (needs that package installed)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (cpu)")
     parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="also write all results to this JSON file")
@@ -373,6 +434,8 @@ def _child_command(case: str, args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "fvq.bench.search", "--_case", case, "--repeats", str(args.repeats)]
     cmd += ["--dim", str(args.dim), "--device", args.device, "--baseline-max-gib", str(args.baseline_max_gib)]
     cmd += ["--coarse" if args.coarse else "--no-coarse"]
+    if args.against_vector_quantize_pytorch:
+        cmd += ["--against-vector-quantize-pytorch"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     return cmd
@@ -418,7 +481,7 @@ def _run_case(args: argparse.Namespace) -> int:
             int(k), int(n), args.dim, args.repeats, device, int(args.baseline_max_gib * 2**30), coarse_repeats
         )
     elif kind == "vq":
-        result = measure_vq_step(int(k), int(n), args.dim, args.repeats, device)
+        result = measure_vq_step(int(k), int(n), args.dim, args.repeats, device, args.against_vector_quantize_pytorch)
     elif kind == "vqonce":
         result = measure_vq_step(int(k), int(n), args.dim, 0, device)
     else:
@@ -443,6 +506,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args._case is not None:
         return _run_case(args)
+    if args.against_vector_quantize_pytorch and importlib.util.find_spec("vector_quantize_pytorch") is None:
+        print(_LUCIDRAINS_MISSING, file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} asked for CUDA, but torch.cuda.is_available() is False")
@@ -545,6 +611,8 @@ def run(args: argparse.Namespace) -> int:
         for i, (kind, k, n) in enumerate(vq_cases, 1):
             steps = 1 if kind == "vqonce" else args.repeats + 1
             expected = 3 + steps * 2 * n * k * args.dim / rate
+            if kind == "vq" and args.against_vector_quantize_pytorch:
+                expected *= 4  # its step: about 3x fvq's on CPU
             res = _run_child(f"{kind}:{k}:{n}", args, f"[{i}/{len(vq_cases)}] K = {k}, N = {n}", expected)
             res["memory_check"] = kind == "vqonce"
             results["vq"].append(res)
@@ -554,6 +622,11 @@ def run(args: argparse.Namespace) -> int:
                 f"{r['K']:>8} {r['N']:>7} {_fmt_seconds(r['seconds']):>9} {r['peak_mib']:>6.0f} MiB "
                 f"{r['process_peak_mib']:>9.0f} MiB"
             )
+            if "speedup" in r:
+                line += (
+                    f"   vector-quantize-pytorch {r['lucidrains_version']}: {_fmt_seconds(r['lucidrains_seconds'])}, "
+                    f"{r['lucidrains_peak_mib']:.0f} MiB; fvq {r['speedup']:.2f}x faster (median of paired calls)"
+                )
             if r["memory_check"]:
                 ok = r["peak_mib"] <= args.memory_limit_gib * 1024
                 failed |= not ok

@@ -69,6 +69,26 @@ def test_measure_vq_step_reports_time_and_memory():
     assert result["seconds"] > 0 and result["peak_mib"] >= 0 and result["memory_method"]
 
 
+def test_vq_step_against_vector_quantize_pytorch_alternates_both_on_one_input():
+    pytest.importorskip("vector_quantize_pytorch", reason="optional comparison: pip install vector-quantize-pytorch")
+    result = search_benchmark.measure_vq_step(128, 32, 8, 3, torch.device("cpu"), against_lucidrains=True)
+    assert result["lucidrains_seconds"] > 0 and result["lucidrains_peak_mib"] >= 0 and result["lucidrains_version"]
+    assert result["speedup"] > 0 and result["seconds"] > 0
+
+
+def test_comparison_without_vector_quantize_pytorch_says_how_to_install_it(monkeypatch, capsys):
+    real_find_spec = search_benchmark.importlib.util.find_spec
+    monkeypatch.setattr(
+        search_benchmark.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "vector_quantize_pytorch" else real_find_spec(name, *a),
+    )
+    code = main(["bench", "search", "--codebook-sizes", "--vq", "128:32", "--against-vector-quantize-pytorch"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "pip install vector-quantize-pytorch" in err and "after torch" in err
+
+
 def test_peak_memory_sees_a_large_allocation():
     # The benchmark measures each case in a fresh process (a long-lived one may serve the block from memory it
     # already holds), so the check runs in one too.

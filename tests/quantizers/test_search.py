@@ -140,6 +140,45 @@ def test_duplicate_detection_survives_hash_collisions(monkeypatch):
     assert nearest_codes(z, codebook, 4).tolist() == [0, 1, 4, 5]
 
 
+def _lowest_by_value(codebook: torch.Tensor) -> list[int]:
+    lowest: dict[tuple, int] = {}
+    return [lowest.setdefault(tuple((row + 0.0).tolist()), i) for i, row in enumerate(codebook)]
+
+
+def test_accelerator_duplicate_table_matches_the_cpu_one_without_host_reads():
+    from fvq.training.host_syncs import count_host_syncs
+
+    gen = torch.Generator().manual_seed(11)
+    base = torch.eye(6)[torch.randint(0, 6, (700,), generator=gen)] * torch.where(
+        torch.rand(700, 1, generator=gen) < 0.5, -1.0, 1.0
+    )  # (700, 6): many duplicates, many distinct codes sharing a norm
+    base[3] = -0.0 * base[3]
+    codebook = torch.cat([base, torch.randn(300, 6, generator=gen)])[torch.randperm(1000, generator=gen)]
+    code_sq = blocked._squared_norms(codebook)
+    with count_host_syncs() as reads:
+        table = blocked._lowest_duplicates_without_host_reads(codebook, code_sq)
+    assert sum(reads.values()) == 0
+    assert table.tolist() == _lowest_by_value(codebook)
+    assert torch.equal(table, blocked._lowest_duplicates(codebook, code_sq))
+    distinct = torch.randn(50, 6, generator=gen)  # no duplicates: every code is its own lowest
+    assert blocked._lowest_duplicates_without_host_reads(distinct, blocked._squared_norms(distinct)).tolist() == list(
+        range(50)
+    )
+
+
+def test_accelerator_duplicate_table_settles_colliding_keys_in_rounds(monkeypatch):
+    # every code hashes to 0 and all have norm 1: one key; its distinct values settle one per round
+    monkeypatch.setattr(blocked, "_bit_hash", lambda codebook, rows: torch.zeros(rows.numel(), dtype=torch.long))
+    codebook = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    table = blocked._lowest_duplicates_without_host_reads(codebook, blocked._squared_norms(codebook))
+    assert table.tolist() == [0, 1, 0, 1, 1, 0]
+    # the documented limit: a third distinct value in one key stays open after two rounds and maps to itself
+    three = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [-1.0, 0.0]])
+    assert blocked._DEVICE_DUPLICATE_ROUNDS == 2
+    table = blocked._lowest_duplicates_without_host_reads(three, blocked._squared_norms(three))
+    assert table.tolist() == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("bound", [4, 4 * 5, 4 * _ARGMIN_GROUP, 4 * _CPU_BLOCK_CODES, 64 * 2**20])
 def test_block_boundaries(bound, search_path):
     k, d = 2 * _CPU_BLOCK_CODES + _ARGMIN_GROUP + 3, 3

@@ -167,3 +167,26 @@ def test_gpus_are_offered_blocked_and_coarse_only(monkeypatch):
     assert dispatch.eligible(torch.device("cuda")) == ["blocked", "coarse"]
     monkeypatch.setattr(coarse, "native_bf16", lambda device: False)
     assert dispatch.eligible(torch.device("cuda")) == ["blocked"]
+
+
+def test_a_gpu_search_knows_its_kernel_without_reading_values(monkeypatch):
+    # Off the CPU, nearest_codes runs the blocked search without the finiteness check (two host reads) wherever
+    # known_choice settles on it from shapes and settings alone; a shape class that still needs measuring is None.
+    from types import SimpleNamespace
+
+    from fvq.quantizers.search import coarse
+
+    cuda = torch.device("cuda")
+    z, codebook = SimpleNamespace(device=cuda, shape=(8192, 256)), SimpleNamespace(shape=(16384, 256))
+    monkeypatch.setattr(coarse, "native_bf16", lambda device: False)
+    assert dispatch.known_choice(z, codebook).kernel == "blocked"  # the only eligible kernel
+    monkeypatch.setattr(coarse, "native_bf16", lambda device: True)
+    assert dispatch.known_choice(z, codebook) is None  # blocked or coarse: measured on the first call
+    measured = dispatch.Choice("blocked", "measured")
+    dispatch._measured[(*dispatch.shape_class(cuda, 8192, 16384, 256), ("blocked", "coarse"))] = measured
+    assert dispatch.known_choice(z, codebook) is measured  # later calls of that shape class
+    monkeypatch.setenv("FVQ_SEARCH_TUNING", "off")
+    assert dispatch.known_choice(z, codebook).kernel == "blocked"  # the rule
+    monkeypatch.delenv("FVQ_SEARCH_TUNING")
+    monkeypatch.setenv("FVQ_SEARCH_KERNEL", "coarse")
+    assert dispatch.known_choice(z, codebook).kernel == "coarse"  # forced: nearest_codes checks finiteness first

@@ -95,6 +95,11 @@ def nearest_codes(z: Tensor, codebook: Tensor, max_chunk_bytes: int = DEFAULT_MA
     with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
         z, codebook = z.detach(), codebook.detach()
         code_sq = blocked._squared_norms(codebook)  # (K,) fp32
+        if device.type != "cpu":  # off the CPU, the blocked search needs no finiteness check: no host read
+            known = dispatch.known_choice(z, codebook)
+            if known is not None and known.kernel == "blocked":
+                dispatch.note_choice(known)
+                return blocked.nearest_codes_blocked(z, codebook, code_sq, max_chunk_bytes, out)
         if not fused.distances_are_finite(z, code_sq):
             dispatch.note_non_finite()
             return blocked.nearest_codes_blocked(z, codebook, code_sq, max_chunk_bytes, out)

@@ -127,6 +127,8 @@ def _lowest_duplicates(codebook: Tensor, code_sq: Tensor) -> Tensor | None:
     k = codebook.shape[0]
     if k < 2:
         return None
+    if codebook.device.type != "cpu":
+        return _lowest_duplicates_without_host_reads(codebook, code_sq)
     # The usual case first: no two norms share their bits. Sorting the bits as int32 values, without indices, takes
     # torch's radix sort: 2 ms at K = 262,144 on 2 cores, against 18 ms for a float sort with indices.
     sorted_bits = torch.sort(code_sq.view(torch.int32)).values  # (K,)
@@ -164,6 +166,50 @@ def _lowest_duplicates(codebook: Tensor, code_sq: Tensor) -> Tensor | None:
         firsts.scatter_reduce_(0, inverse, members, reduce="amin")
         lowest[members] = firsts[inverse]
     return lowest
+
+
+_DEVICE_DUPLICATE_ROUNDS = 2
+
+
+def _lowest_duplicates_without_host_reads(codebook: Tensor, code_sq: Tensor) -> Tensor:
+    """:func:`_lowest_duplicates` for accelerators: the ``(K,)`` table always, computed without reading a value on
+    the host, so a training step on a GPU does not wait here (the CPU form's early exits read flags).
+
+    Codes are sorted by (bits of ``||c||^2``, bit hash), ascending index among equal keys; each code is then compared
+    bit for bit with the lowest code of its key, in :data:`_DEVICE_DUPLICATE_ROUNDS` rounds: a round settles every
+    code still open that equals the lowest open code of its key. Exact unless more than that many different codes
+    share both their norm's bits and their hash (a code left open maps to itself).
+    """
+    k, device = codebook.shape[0], codebook.device
+    positions = torch.arange(k, device=device)
+    code_hash = _bit_hash(codebook, positions)  # (K,)
+    norm_bits = code_sq.view(torch.int32).long()  # (K,)
+    order = torch.sort(code_hash, stable=True).indices  # (K,)
+    order = order[torch.sort(norm_bits[order], stable=True).indices]  # by (norm bits, hash), ascending code within
+    key_start = torch.ones(k, dtype=torch.bool, device=device)
+    key_start[1:] = (norm_bits[order[1:]] != norm_bits[order[:-1]]) | (code_hash[order[1:]] != code_hash[order[:-1]])
+    key = torch.cumsum(key_start.long(), dim=0) - 1  # (K,) key of each sorted code
+    lowest = order.clone()  # (K,) lowest duplicate of each sorted code
+    open_ = torch.ones(k, dtype=torch.bool, device=device)
+    for _ in range(_DEVICE_DUPLICATE_ROUNDS):
+        # the open codes of each key first, in code order: the lowest open code starts its segment
+        perm = torch.sort(key * 2 + (~open_).long(), stable=True).indices  # (K,)
+        seg_key, seg_open = key[perm], open_[perm]
+        seg_start = torch.ones(k, dtype=torch.bool, device=device)
+        seg_start[1:] = (seg_key[1:] != seg_key[:-1]) | (seg_open[1:] != seg_open[:-1])
+        first = torch.cummax(torch.where(seg_start, positions, 0), dim=0).values  # (K,) segment start
+        codes, firsts = order[perm], order[perm[first]]  # (K,), (K,)
+        same = torch.empty(k, dtype=torch.bool, device=device)
+        for j in range(0, k, _NORM_CHUNK):
+            a = _code_bits(codebook[codes[j : j + _NORM_CHUNK]])  # (m, D)
+            b = _code_bits(codebook[firsts[j : j + _NORM_CHUNK]])  # (m, D)
+            torch.all(a == b, dim=1, out=same[j : j + _NORM_CHUNK])
+        same &= seg_open
+        lowest[perm] = torch.where(same, firsts, lowest[perm])
+        open_[perm] = seg_open & ~same
+    table = torch.empty(k, dtype=torch.long, device=device)
+    table[order] = lowest
+    return table
 
 
 def _first_min(x: Tensor) -> tuple[Tensor, Tensor]:

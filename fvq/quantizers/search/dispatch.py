@@ -158,25 +158,33 @@ def choose(
     The measurement only runs where every distance is finite (the caller checks), on the first
     ``min(N, 1024)`` queries and ``min(K, 8192)`` codes.
     """
+    result = known_choice(z, codebook)
+    if result is None:
+        kernels = eligible(z.device)
+        result = _measured_choice(z, codebook, code_sq, run, kernels, rule(z.device, kernels), tuning())
+    _LAST.choice = result
+    return result
+
+
+def known_choice(z: Tensor, codebook: Tensor) -> Choice | None:
+    """The kernel for a search of these shapes where it is settled without running anything or reading a value
+    (forced, the only eligible one, the rule, or already measured for this shape class); ``None`` where ``auto``
+    still has to measure."""
     device = z.device
     choice = kernel_choice()
     if choice != "auto":
-        result = forced(device, choice)
-    else:
-        kernels = eligible(device)
-        (n, d), k = z.shape, codebook.shape[0]
-        default = rule(device, kernels)
-        mode = tuning()
-        if len(kernels) == 1:
-            result = Choice(default, f"the only eligible kernel on {device}")
-        elif mode == "off":
-            result = Choice(default, f"{TUNING_ENV}=off: the deterministic rule (widest verified fused ISA)")
-        elif n * k * d < MIN_MEASURED_WORK:
-            result = Choice(default, "too small to time (N K D < 2^28): the deterministic rule")
-        else:
-            result = _measured_choice(z, codebook, code_sq, run, kernels, default, mode)
-    _LAST.choice = result
-    return result
+        return forced(device, choice)
+    kernels = eligible(device)
+    (n, d), k = z.shape, codebook.shape[0]
+    default = rule(device, kernels)
+    mode = tuning()
+    if len(kernels) == 1:
+        return Choice(default, f"the only eligible kernel on {device}")
+    if mode == "off":
+        return Choice(default, f"{TUNING_ENV}=off: the deterministic rule (widest verified fused ISA)")
+    if n * k * d < MIN_MEASURED_WORK:
+        return Choice(default, "too small to time (N K D < 2^28): the deterministic rule")
+    return _measured.get((*shape_class(device, n, k, d), tuple(kernels)))
 
 
 def _measured_choice(
@@ -270,6 +278,11 @@ def _write_persisted(key: tuple, result: Choice) -> None:
             Path(partial).write_text(json.dumps(table, indent=1))
     except OSError:
         pass  # persisting is an optimisation; the process keeps its own measurement
+
+
+def note_choice(choice: Choice) -> None:
+    """Record ``choice`` as this thread's latest (:func:`last_choice`), for a search that settled it itself."""
+    _LAST.choice = choice
 
 
 def note_non_finite() -> None:
