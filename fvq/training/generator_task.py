@@ -44,6 +44,7 @@ from fvq.training.engine import (
     Engine,
     StepOutput,
     TrainResult,
+    device_update,
     is_sharded,
     model_state_dict,
     run_training,
@@ -196,8 +197,11 @@ class WeightEMA:
             self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_([_local(s) for s in self.shadow], [_local(p) for p in self.params], 1.0 - self.decay)
+    def update(self, applied: Tensor | None = None) -> None:
+        """Move the average towards the parameters; with ``applied`` (a boolean tensor on the parameters' device)
+        only where it is true, decided on the device (a skipped step leaves the average as it was)."""
+        weight = 1.0 - self.decay if applied is None else applied.to(torch.float32) * (1.0 - self.decay)
+        torch._foreach_lerp_([_local(s) for s in self.shadow], [_local(p) for p in self.params], weight)
 
     @torch.no_grad()
     def swap(self) -> None:
@@ -400,10 +404,11 @@ class GeneratorTask:
         optimizer = self.optimizers["gpt"][0]
         finite, apply = engine.backward_and_clip(self.model, optimizer, micro_batches, loss_fn, scalars)
 
-        def update(ok: bool) -> None:
+        @device_update
+        def update(ok: Tensor) -> None:
             apply(ok)
-            if ok and self.ema is not None:
-                self.ema.update()
+            if self.ema is not None:
+                self.ema.update(ok)
 
         return StepOutput(scalars=scalars, finite=[finite], updates=[update])
 

@@ -257,7 +257,7 @@ def test_resume_refuses_tokens_of_another_tokenizer(tmp_path, capsys):
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_host_reads_per_step(tmp_path, stores, accum):
-    """The engine's one read of the finiteness flags, and nothing else (the token data checked its ids)."""
+    """No host read: the update and the EMA are masked on the device (the token data checked its ids)."""
     from fvq.training.host_syncs import count_host_syncs
 
     engine, _ = make_engine(tmp_path, *stores, f"grad_accum_steps={accum}", "ema=0.9")
@@ -266,4 +266,25 @@ def test_host_reads_per_step(tmp_path, stores, accum):
     micro = next(batches)
     with count_host_syncs() as reads:
         engine.train_step(micro, 1)
-    assert dict(reads) == {"tolist": 1}
+    assert dict(reads) == {}
+
+
+def test_a_skipped_step_leaves_the_weight_average_as_it_was(tmp_path, stores, monkeypatch):
+    engine, task = make_engine(tmp_path, *stores, "ema=0.9")
+    batches = engine.micro_batches()
+    engine.train_step(next(batches), 0)
+    before = [s.clone() for s in task.ema.shadow]
+    forward = task.model.forward
+
+    def nan_loss(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(task.model, "forward", nan_loss)  # the next step's loss is NaN: skipped on the device
+    engine.train_step(next(batches), 1)
+    assert engine.read_guard()[0] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, task.ema.shadow))
+    monkeypatch.setattr(task.model, "forward", forward)
+    engine.train_step(next(batches), 2)  # a finite step moves it
+    assert not any(torch.equal(a, b) for a, b in zip(before, task.ema.shadow))
