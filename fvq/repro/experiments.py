@@ -6,7 +6,7 @@ file per variant::
     experiments/fig3_usage_curves/linear_k4096.yaml
 
     # Fig. 3: linear projector, K = 4,096, with learning annealing
-    base: tiny_vq                      # a config shipped in fvq/configs, or a path relative to this file
+    base: ../base.yaml                 # a config shipped in fvq/configs, or a path relative to this file
     overrides:                         # merged into the base: mappings merge key by key, null removes a key
       quantizer: {projector: {type: linear}}
       max_steps: 600
@@ -19,7 +19,8 @@ file per variant::
 An override whose ``quantizer`` (or nested ``quantizer.quantizer``) names another ``type`` than the base's replaces
 that section instead of merging into it (a residual or multi-scale quantizer does not take a VQ's keys).
 
-A run is one variant at one seed, named ``<variant>_seed<S>``; its summary goes to
+Every shipped experiment starts from ``experiments/base.yaml`` (the suite's own copy of the tiny f4 recipe), so the
+demo's configs can change without changing the suite. A run is one variant at one seed, named ``<variant>_seed<S>``; its summary goes to
 ``results/<experiment>/<variant>_seed<S>.json``.
 """
 

@@ -31,6 +31,15 @@ def test_experiment_builds_its_config_and_model(variant):
     assert protocol.heldout_samples >= required_images(model.codebook_size, per_image, protocol)
 
 
+def test_the_suite_has_its_own_base_config():
+    # the demo's configs (fvq/configs/tiny_*.yaml) may change; the suite's runs must not change with them
+    for variant in VARIANTS:
+        path = (variant.path.parent / variant.base).resolve()
+        assert path == EXPERIMENTS / "base.yaml", variant.id
+    base = (EXPERIMENTS / "base.yaml").read_text()
+    assert "model: {preset: tiny_f4}" in base  # ch 32, as every committed result was trained
+
+
 def test_suite_covers_the_claims():
     from fvq.repro.claims import CLAIMS
 
