@@ -34,6 +34,17 @@ def test_fig3_verdict_reads_the_means():
     assert fig3.verdict(means)[0] == "does not hold"
 
 
+def test_baselines_verdict_compares_usage_with_the_classic_recipe_at_16k_and_65k():
+    baselines = next(c for c in CLAIMS if c.key == "baselines")
+    means = {name: {"usage": 0.5, "psnr": 20.0} for name in baselines.needs}
+    means["fvq_k4096"]["psnr"] = 22.0
+    means["fvq_k16384"]["usage"] = means["fvq_k65536"]["usage"] = 0.8
+    word, reason = baselines.verdict(means)
+    assert word == "holds" and "usage fvq_k65536 0.8 vs ema_kmeans_restarts_k65536 0.5" in reason
+    means["ema_kmeans_restarts_k65536"]["usage"] = 0.9  # the classic recipe ahead at 65k
+    assert baselines.verdict(means)[0] == "does not hold"
+
+
 def test_the_page_says_not_yet_run_without_results(tiny_suite):
     out = tiny_suite / "docs" / "results.md"
     written = render_results(tiny_suite / "experiments", tiny_suite / "results", out, tiny_suite / "figs")
