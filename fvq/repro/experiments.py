@@ -20,8 +20,8 @@ An override whose ``quantizer`` (or nested ``quantizer.quantizer``) names anothe
 that section instead of merging into it (a residual or multi-scale quantizer does not take a VQ's keys).
 
 Every shipped experiment starts from ``experiments/base.yaml`` (the suite's own copy of the tiny f4 recipe), so the
-demo's configs can change without changing the suite. A run is one variant at one seed, named ``<variant>_seed<S>``; its summary goes to
-``results/<experiment>/<variant>_seed<S>.json``.
+demo's configs can change without changing the suite. A run is one variant at one seed, named
+``<variant>_seed<S>``; its summary goes to ``results/<experiment>/<variant>_seed<S>.json``.
 """
 
 from __future__ import annotations
