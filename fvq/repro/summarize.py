@@ -204,6 +204,18 @@ def _budget_line(variants: list[Variant]) -> str:
     return f"{runs} runs, planned {hours:.1f} CPU-hours (wall minutes x 2 cores, training + evaluation)"
 
 
+FINDINGS_FILE = "findings.md"
+
+
+def _findings(experiments_dir: str | Path, name: str) -> list[str]:
+    """The experiment's ``findings.md`` (what its runs show, in words, written by whoever read them) as page lines,
+    or none."""
+    path = Path(experiments_dir) / name / FINDINGS_FILE
+    if not path.is_file():
+        return []
+    return ["", f"**What the runs show** (`experiments/{name}/{FINDINGS_FILE}`).", "", path.read_text().strip()]
+
+
 def render_results(
     experiments_dir: str | Path = "experiments",
     results_dir: str | Path = "results",
@@ -237,7 +249,7 @@ def render_results(
         "(metrics, curves as data, the command, machine, wall and CPU time), and this page is rebuilt from those "
         "files by `fvq repro summarize`.",
         "",
-        "**Scale.** The tiny f4 autoencoder (1.1 M parameters; `tiny_var_f4`, VAR's latent layout, for the "
+        "**Scale.** The tiny f4 autoencoder of `experiments/base.yaml` (32 base channels, 0.89 M parameters; `tiny_var_f4`, VAR's latent layout, for the "
         "multi-scale runs) on 32 px crops of the photos embedded in scikit-image, held-out crops from photos "
         "training never sees; hundreds of steps at batch 32 instead of 40 ImageNet epochs; no LPIPS or GAN loss in "
         "training. A claim that holds here is evidence of the mechanism, not of the paper's numbers; one that does "
@@ -290,7 +302,7 @@ def render_results(
                 md.append(f"![{claim.experiment}]({rel.as_posix()})")
         else:
             md.append(f"*Plot: {NOT_RUN}.*")
-        md += ["", f"**Verdict.** {_verdict(claim, r)}"]
+        md += ["", f"**Verdict.** {_verdict(claim, r)}", *_findings(experiments_dir, claim.experiment)]
     others = sorted(set(suite) - {c.experiment for c in CLAIMS})
     for name in others:
         r = reports[name]
@@ -300,6 +312,7 @@ def render_results(
             for p in r.figures
             if p.is_relative_to(output.parent)
         ]
+        md += _findings(experiments_dir, name)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(md) + "\n")
     written.append(output)

@@ -54,3 +54,12 @@ def test_the_page_says_not_yet_run_without_results(tiny_suite):
     assert (
         "| [fig3](#fig3) | Fig. 3 and Observation 3 | `fig3_usage_curves` | no experiment files | not yet run |" in page
     )
+
+
+def test_the_page_carries_an_experiments_findings(tiny_suite):
+    out = tiny_suite / "docs" / "results.md"
+    (tiny_suite / "experiments" / "tiny" / "findings.md").write_text("Seed 1 lost 7 of 16 group positions.\n")
+    render_results(tiny_suite / "experiments", tiny_suite / "results", out, tiny_suite / "figs")
+    page = out.read_text()
+    assert "**What the runs show** (`experiments/tiny/findings.md`)." in page
+    assert "Seed 1 lost 7 of 16 group positions." in page
