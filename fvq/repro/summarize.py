@@ -249,7 +249,8 @@ def render_results(
         "(metrics, curves as data, the command, machine, wall and CPU time), and this page is rebuilt from those "
         "files by `fvq repro summarize`.",
         "",
-        "**Scale.** The tiny f4 autoencoder of `experiments/base.yaml` (32 base channels, 0.89 M parameters; `tiny_var_f4`, VAR's latent layout, for the "
+        "**Scale.** The tiny f4 autoencoder of `experiments/base.yaml` (32 base channels, 0.89 M parameters; "
+        "`tiny_var_f4`, VAR's latent layout, for the "
         "multi-scale runs) on 32 px crops of the photos embedded in scikit-image, held-out crops from photos "
         "training never sees; hundreds of steps at batch 32 instead of 40 ImageNet epochs; no LPIPS or GAN loss in "
         "training. A claim that holds here is evidence of the mechanism, not of the paper's numbers; one that does "
