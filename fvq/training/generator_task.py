@@ -200,8 +200,15 @@ class WeightEMA:
     def update(self, applied: Tensor | None = None) -> None:
         """Move the average towards the parameters; with ``applied`` (a boolean tensor on the parameters' device)
         only where it is true, decided on the device (a skipped step leaves the average as it was)."""
-        weight = 1.0 - self.decay if applied is None else applied.to(torch.float32) * (1.0 - self.decay)
-        torch._foreach_lerp_([_local(s) for s in self.shadow], [_local(p) for p in self.params], weight)
+        shadow, params = [_local(s) for s in self.shadow], [_local(p) for p in self.params]
+        if applied is None:
+            torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
+            return
+        # foreach lerp takes its weight as a host scalar (reading a tensor would wait for the device); a tensor
+        # multiplies: shadow += flag * (1 - decay) * (param - shadow), exactly shadow where the flag is false
+        step = torch._foreach_sub(params, shadow)
+        torch._foreach_mul_(step, applied.to(torch.float32) * (1.0 - self.decay))
+        torch._foreach_add_(shadow, step)
 
     @torch.no_grad()
     def swap(self) -> None:

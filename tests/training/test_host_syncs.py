@@ -52,3 +52,12 @@ def test_a_training_step_with_a_discriminator_reads_nothing_on_the_host():
         applied, scalars = engine.train_step(batch, 1)
     assert not counts, dict(counts)  # two updates, both applied under their flags on the device
     assert applied and "discriminator/grad_norm" in scalars
+
+
+def test_counter_sees_a_read_torch_makes_itself():
+    # a 0-d tensor where an operator takes a scalar: torch reads it in C++ (the GPU waits), no Python method is called
+    a, b = [torch.zeros(3)], [torch.ones(3)]
+    with count_host_syncs() as counts:
+        torch._foreach_lerp_(a, b, torch.tensor(0.5))
+        torch._foreach_mul_(a, torch.tensor(2.0))  # a tensor overload: nothing read
+    assert counts == {"_local_scalar_dense": 1}
