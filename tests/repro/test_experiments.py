@@ -40,6 +40,15 @@ def test_the_suite_has_its_own_base_config():
     assert "model: {preset: tiny_f4}" in base  # ch 32, as every committed result was trained
 
 
+def test_frozen_random_codebooks_start_at_a_usable_scale():
+    # a frozen codebook keeps its initial scale for good: at the default 1/K the codes are too small to be told apart
+    # through a linear map (a SimVQ run with it used 2 codes of 16,384), so the suite's SimVQ variants set D^-1/2
+    for variant in VARIANTS:
+        quantizer = codebook_of(variant.config(variant.seeds[0]).quantizer)
+        if quantizer.get("freeze_codebook") and not quantizer.get("kmeans_init"):
+            assert quantizer.get("init_scale") == quantizer["codebook_dim"] ** -0.5, variant.id
+
+
 def test_suite_covers_the_claims():
     from fvq.repro.claims import CLAIMS
 
