@@ -298,30 +298,40 @@ def measure_vq_step(
         quantizer.zero_grad(set_to_none=True)
         z.grad = None
 
-    meter = PeakMemory(device)
-
-    def first_step(fn: Callable[[], None]) -> tuple[float, int]:
-        meter.start()
-        start = time.perf_counter()
-        fn()  # first step: warm-up and the measured peak
-        sync_device(device)
-        return time.perf_counter() - start, meter.stop()
-
-    first, peak_bytes = first_step(step)
+    first, peak_bytes, memory_method = _first_step(step, device)
     result: dict[str, Any] = {
         "K": codebook_size,
         "N": tokens,
         "D": dim,
         "peak_mib": peak_bytes / 2**20,
-        "memory_method": meter.method,
+        "memory_method": memory_method,
         "threads": torch.get_num_threads(),
     }
-    if not against_lucidrains:
+    if against_lucidrains:
+        result.update(_against_lucidrains(codebook_size, z, step, first, repeats, device))
+    else:
         result["seconds"] = best_time(step, repeats, device) if repeats > 0 else first
-        result["process_peak_mib"] = _status_kib("VmHWM") / 1024 if device.type == "cpu" else float("nan")
-        return result
+    result["process_peak_mib"] = _status_kib("VmHWM") / 1024 if device.type == "cpu" else float("nan")
+    return result
 
-    other, version = _lucidrains_quantizer(codebook_size, dim, device)
+
+def _first_step(fn: Callable[[], None], device: torch.device) -> tuple[float, int, str]:
+    """Seconds and peak memory growth of the first call of ``fn`` (warm-up and the measured peak), and how the peak
+    was measured."""
+    meter = PeakMemory(device)
+    meter.start()
+    start = time.perf_counter()
+    fn()
+    sync_device(device)
+    return time.perf_counter() - start, meter.stop(), meter.method
+
+
+def _against_lucidrains(
+    codebook_size: int, z: torch.Tensor, step: Callable[[], None], first: float, repeats: int, device: torch.device
+) -> dict[str, Any]:
+    """vector-quantize-pytorch's figures on the input ``z`` beside fvq's ``step``, timed calls alternating (see
+    :func:`measure_vq_step`)."""
+    other, version = _lucidrains_quantizer(codebook_size, z.shape[1], device)
     z3 = z.detach()[None].clone().requires_grad_(True)  # (1, N, D): its (batch, sequence, dim) layout
 
     def other_step() -> None:
@@ -330,20 +340,18 @@ def measure_vq_step(
         other.zero_grad(set_to_none=True)
         z3.grad = None
 
-    other_first, other_peak = first_step(other_step)
+    other_first, other_peak, _ = _first_step(other_step, device)
     ours, theirs = [], []
     for _ in range(max(1, repeats)):
         ours.append(best_time(step, 1, device))
         theirs.append(best_time(other_step, 1, device))
-    result.update(
-        seconds=min(ours) if repeats > 0 else first,
-        lucidrains_version=version,
-        lucidrains_seconds=min(theirs) if repeats > 0 else other_first,
-        lucidrains_peak_mib=other_peak / 2**20,
-        speedup=statistics.median(t / o for o, t in zip(ours, theirs)),
-        process_peak_mib=_status_kib("VmHWM") / 1024 if device.type == "cpu" else float("nan"),
-    )
-    return result
+    return {
+        "seconds": min(ours) if repeats > 0 else first,
+        "lucidrains_version": version,
+        "lucidrains_seconds": min(theirs) if repeats > 0 else other_first,
+        "lucidrains_peak_mib": other_peak / 2**20,
+        "speedup": statistics.median(t / o for o, t in zip(ours, theirs)),
+    }
 
 
 _LUCIDRAINS_MISSING = (
