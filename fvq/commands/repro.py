@@ -3,7 +3,8 @@
 Experiments are folders of YAML files under ``experiments/`` (one per variant: a base config, overrides, seeds, a
 time budget). ``run`` trains each run in ``runs/repro/<experiment>/<variant>_seed<S>/`` (resumable: run it again
 after an interruption) and writes ``results/<experiment>/<variant>_seed<S>.json``; a run with a summary is skipped
-unless ``--force``. ``list`` shows every variant, its budget, which seeds have results, and the suite's planned
+unless ``--force``, and a run another experiment has finished (same config, seed and protocol) is not trained
+again. ``list`` shows every variant, its budget, which seeds have results, and the suite's planned
 CPU time. ``summarize`` rebuilds ``docs/results.md`` and ``docs/figures/results/`` from ``results/``.
 Run from the repository root (or pass the folders).
 """
@@ -35,26 +36,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _list(args: argparse.Namespace) -> int:
     from fvq.repro.experiments import discover
-    from fvq.repro.runner import summary_path
+    from fvq.repro.results import ResultIndex, planned_runs
     from fvq.repro.summarize import suite_budget
 
     suite = discover(args.experiments)
+    index = ResultIndex(args.results)
     every = [v for vs in suite.values() for v in vs]
     print(f"{'variant':48s} {'seeds':>9s} {'train':>7s} {'eval':>6s} {'CPU-h':>6s}  results")
     for name, variants in suite.items():
         print(f"{name}/  ({suite_budget(variants):.1f} CPU-h)")
         for v in variants:
-            done = [s for s in v.seeds if summary_path(args.results, v, s).is_file()]
+            found = {s: index.find(v, s) for s in v.seeds}
+            done = [s for s, r in found.items() if r is not None]
+            shared = sorted({r.home for r in found.values() if r is not None and r.home != v.id})
             mark = f"{len(done)}/{len(v.seeds)}" + (f" (seeds {', '.join(map(str, done))})" if done else "")
+            mark += f" shared with {', '.join(shared)}" if shared else ""
             print(
                 f"  {v.name:46s} {len(v.seeds):>9d} {v.budget.train_minutes:>5.1f}mn {v.budget.eval_minutes:>4.1f}mn "
                 f"{v.budget.cpu_hours(len(v.seeds)):>6.2f}  {mark}"
             )
-    runs = sum(len(v.seeds) for v in every)
+    runs = planned_runs(every)
+    named = sum(len(v.seeds) for v in every)
+    done = sum(index.by_key.get(r.key) is not None for r in runs)
     hours = suite_budget(every)
     print(
-        f"total: {len(suite)} experiments, {len(every)} variants, {runs} runs, planned {hours:.1f} CPU-hours "
-        f"({hours / 2:.1f} hours of wall time on 2 cores; budgets are wall minutes per seed on a 2-core CPU)"
+        f"total: {len(suite)} experiments, {len(every)} variants, {len(runs)} distinct runs ({named} named: "
+        f"experiments share a run with the same config, seed and protocol), {done} with results, planned "
+        f"{hours:.1f} CPU-hours ({hours / 2:.1f} hours of wall time on 2 cores; budgets are wall minutes per seed "
+        "on a 2-core CPU)"
     )
     return 0
 
@@ -82,6 +91,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{v.id} seed {seed}: {outcome.status} at step {outcome.steps}/{outcome.total_steps} -> {where}")
             if outcome.status == "partial":
                 print("  stopped before the last step: run the same command again to continue")
+            elif outcome.status == "shared":
+                print("  another experiment finished the same run (config, seed and protocol): its summary serves")
     return 0
 
 

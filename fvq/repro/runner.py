@@ -5,7 +5,8 @@ engine. Started again after an interruption, it continues from the newest checkp
 refuses a changed config); a finished run is not trained again. Once training has reached its last step, the
 protocol (:mod:`fvq.repro.protocol`) evaluates the final model and the summary is written to
 ``results/<experiment>/<variant>_seed<S>.json``: metrics, curves as data, the command, the config, the machine, wall
-and CPU time summed over every invocation. The summary is the result: the run folder can be deleted.
+and CPU time summed over every invocation. The summary is the result: the run folder can be deleted. A run another
+experiment has already finished (same config, seed and protocol: :mod:`fvq.repro.results`) is not trained again.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from fvq.repro.protocol import (
     restarted_codes,
     tokens_per_image,
 )
+from fvq.repro.results import ResultIndex, run_config, run_key
 from fvq.runs import RunFolder, read_checkpoint_entry
 from fvq.weights import atomic_write_bytes
 
@@ -41,9 +43,10 @@ class RunOutcome:
     """What :func:`run_variant` did.
 
     Attributes:
-        status: ``"finished"`` (summary written), ``"partial"`` (stopped before the last step; run again to continue)
-            or ``"skipped"`` (a summary existed and ``force`` was not given).
-        run_dir: The run folder.
+        status: ``"finished"`` (summary written), ``"partial"`` (stopped before the last step; run again to continue),
+            ``"skipped"`` (a summary existed and ``force`` was not given) or ``"shared"`` (the same run, same config,
+            seed and protocol, is filed under another experiment: its summary serves this one too).
+        run_dir: The run folder (the other experiment's for a shared run).
         summary_path: The summary file (written or existing), ``None`` for a partial run.
         steps: Optimizer steps done so far.
         total_steps: Steps of the whole run.
@@ -140,6 +143,7 @@ def run_variant(
 
     Raises:
         HeldOutTooSmallError: before training, when the held-out set holds too few tokens per code.
+        ValueError: ``force`` on a run filed under another experiment (evaluate it again under that name).
     """
     from fvq.data import build_dataset
     from fvq.inference.loading import load_model
@@ -147,12 +151,21 @@ def run_variant(
     from fvq.training import tokenizer_task
     from fvq.training.config import parse_overrides
 
-    extra = parse_overrides(overrides or [])
-    extra.setdefault("device", device)
-    config = variant.config(seed, extra)
+    config = run_config(variant, seed, parse_overrides(overrides or []), device)
     protocol = Protocol.from_overrides(variant.protocol)
+    key = run_key(config.to_dict(), protocol.as_dict())
     run = RunFolder(Path(runs_dir) / variant.experiment / variant.run_name(seed))
     out_path = summary_path(results_dir, variant, seed)
+    found = ResultIndex(results_dir).find(variant, seed, key)
+    if found is not None and found.path != out_path:
+        if force:
+            raise ValueError(
+                f"{variant.id} seed {seed} is the run filed as {found.path} (same config, seed and protocol); "
+                f"evaluate it again under that name: fvq repro run {found.home} --seed {seed} --force"
+            )
+        steps = int(found.summary.get("steps", 0))
+        home = Path(runs_dir) / found.summary["experiment"] / found.summary["run"]
+        return RunOutcome("shared", home, found.path, steps, steps)
     if out_path.is_file() and not force:
         steps = int(json.loads(out_path.read_text()).get("steps", 0))
         return RunOutcome("skipped", run.path, out_path, steps, steps)
@@ -204,6 +217,7 @@ def run_variant(
         "seed": seed,
         "description": variant.description,
         "status": "finished",
+        "run_key": key,
         "command": command_line(variant, seed, overrides),
         "experiment_file": f"experiments/{variant.experiment}/{variant.path.name}",
         "experiment_sha256": _file_digest(variant.path),

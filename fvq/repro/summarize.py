@@ -7,9 +7,7 @@ Everything written here is a function of ``experiments/`` and ``results/``: a va
 
 from __future__ import annotations
 
-import json
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,22 +17,11 @@ from matplotlib.figure import Figure
 
 from fvq.repro.claims import CLAIMS, Claim
 from fvq.repro.experiments import Variant, codebook_of, discover
+from fvq.repro.results import ResultIndex, planned_runs
 
 NOT_RUN = "not yet run"
 _PALETTE = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974")
 MEAN_METRICS = ("usage", "perplexity", "dead_codes", "restarted_codes", "psnr", "lpips")
-
-
-def load_summaries(results_dir: str | Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """``results/<experiment>/<run>.json`` -> ``{experiment: {variant: [summary, ...]}}`` (seeds in order)."""
-    out: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    root = Path(results_dir)
-    if root.is_dir():
-        for path in sorted(root.glob("*/*.json")):
-            summary = json.loads(path.read_text())
-            if summary.get("status") == "finished":
-                out[summary["experiment"]][summary["variant"]].append(summary)
-    return {e: {v: sorted(s, key=lambda x: x["seed"]) for v, s in vs.items()} for e, vs in out.items()}
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -84,12 +71,14 @@ class ExperimentReport:
 
 
 def experiment_table(variants: list[Variant], runs: dict[str, list[dict[str, Any]]]) -> str:
-    """Markdown table: one row per variant, held-out figures as mean (min-max) over the seeds that ran."""
+    """Markdown table: one row per variant, held-out figures as mean (min-max) over the seeds that ran; a row whose
+    runs are filed under another experiment is marked and the experiment named below the table."""
     head = (
         "| variant | K | D | seeds run | held-out usage | perplexity | dead codes | restarted codes | PSNR (dB) | "
         "LPIPS | wall min / run | paper |"
     )
     lines = [head, "|" + "---|" * 12]
+    shared: list[str] = []
     for v in variants:
         k, d = _describe_quantizer(v)
         done = runs.get(v.name, [])
@@ -109,7 +98,18 @@ def experiment_table(variants: list[Variant], runs: dict[str, list[dict[str, Any
                 _fmt([x["lpips"] for x in m], ".3f"),
                 _fmt([r["time"]["wall_s"] / 60 for r in done], ".1f"),
             ]
+        homes = sorted({f"{r['experiment']}/{r['variant']}" for r in done} - {v.id})
+        if homes:
+            seeds += " †"
+            shared.append(f"{v.label}: {', '.join(f'`{h}`' for h in homes)}")
         lines.append(f"| {v.label} | {k} | {d} | {seeds} | " + " | ".join(cells) + f" | {v.paper or '-'} |")
+    if shared:
+        lines += [
+            "",
+            "† Runs filed under another experiment (the same config, seed and protocol; trained once): "
+            + "; ".join(shared)
+            + ".",
+        ]
     return "\n".join(lines)
 
 
@@ -199,9 +199,11 @@ def _verdict(claim: Claim, report: ExperimentReport | None) -> str:
 
 
 def _budget_line(variants: list[Variant]) -> str:
-    hours = sum(v.budget.cpu_hours(len(v.seeds)) for v in variants)
-    runs = sum(len(v.seeds) for v in variants)
-    return f"{runs} runs, planned {hours:.1f} CPU-hours (wall minutes x 2 cores, training + evaluation)"
+    runs = planned_runs(variants)
+    named = sum(len(v.seeds) for v in variants)
+    hours = math.fsum(r.cpu_hours for r in runs)
+    shared = f" ({named - len(runs)} more named but shared)" if named > len(runs) else ""
+    return f"{len(runs)} runs{shared}, planned {hours:.1f} CPU-hours (wall minutes x 2 cores, training + evaluation)"
 
 
 FINDINGS_FILE = "findings.md"
@@ -224,18 +226,19 @@ def render_results(
 ) -> list[Path]:
     """Write ``output`` and its figures from the experiment files and the summaries; returns the written paths."""
     suite = discover(experiments_dir)
-    summaries = load_summaries(results_dir)
+    index = ResultIndex(results_dir)
     output, figures_dir = Path(output), Path(figures_dir)
     written: list[Path] = []
-    reports = {
-        name: report_experiment(name, variants, summaries.get(name, {}), figures_dir)
-        for name, variants in suite.items()
-    }
+    reports = {}
+    for name, variants in suite.items():
+        runs = {v.name: [r.summary for r in index.runs_of(v)] for v in variants}
+        reports[name] = report_experiment(name, variants, {k: r for k, r in runs.items() if r}, figures_dir)
     for r in reports.values():
         written += r.figures
     all_variants = [v for vs in suite.values() for v in vs]
-    done = sum(r.done for r in reports.values())
-    planned = sum(r.planned for r in reports.values())
+    distinct = planned_runs(all_variants)
+    done = sum(index.find(r.home, r.seed, r.key) is not None for r in distinct)
+    planned = len(distinct)
 
     md = [
         "# The paper's claims at CPU scale",
@@ -247,7 +250,9 @@ def render_results(
         "overrides, seeds, a time budget). `fvq repro run EXPERIMENT` trains each run resumably and evaluates it with "
         "one protocol; the summary of every finished run is committed under `results/<experiment>/<run>.json` "
         "(metrics, curves as data, the command, machine, wall and CPU time), and this page is rebuilt from those "
-        "files by `fvq repro summarize`.",
+        "files by `fvq repro summarize`. A run that several experiments name (the same config, seed and protocol, "
+        "e.g. the paper's recipe at K = 16,384 in Fig. 3, Table 3, Fig. 6 and the baselines) is trained once and "
+        "read by all of them (marked †).",
         "",
         "**Scale.** The tiny f4 autoencoder of `experiments/base.yaml` (32 base channels, 0.89 M parameters; "
         "`tiny_var_f4`, VAR's latent layout, for the "
@@ -321,5 +326,5 @@ def render_results(
 
 
 def suite_budget(variants: list[Variant]) -> float:
-    """Planned CPU hours of ``variants`` (all seeds)."""
-    return math.fsum(v.budget.cpu_hours(len(v.seeds)) for v in variants)
+    """Planned CPU hours of ``variants`` (all seeds), each distinct run counted once."""
+    return math.fsum(r.cpu_hours for r in planned_runs(variants))

@@ -8,6 +8,7 @@ import pytest
 
 from fvq.cli import main
 from fvq.repro.experiments import select
+from fvq.repro.results import planned_runs, variant_run_key
 from fvq.repro.runner import run_variant, summary_path
 
 PROTOCOL_FIELDS = {
@@ -71,3 +72,36 @@ def test_a_held_out_set_too_small_is_refused_before_training(tiny_suite, monkeyp
     with pytest.raises(ValueError, match="held-out set is too small for K = 64"):
         run_variant(variant, 0, runs_dir="runs", results_dir="results")
     assert not (tiny_suite / "runs").exists()
+
+
+def test_a_run_named_by_two_experiments_is_trained_once_and_read_by_both(tiny_suite, monkeypatch, capsys):
+    monkeypatch.chdir(tiny_suite)
+    text = (tiny_suite / "experiments" / "tiny" / "vq_k64.yaml").read_text()
+    other = tiny_suite / "experiments" / "other"
+    other.mkdir()
+    # the same run under another name and label, and one that differs in one override
+    (other / "same_run.yaml").write_text(text.replace("label: tiny VQ", "label: same run"))
+    (other / "longer.yaml").write_text(text.replace("max_steps: 3", "max_steps: 4").replace("tiny VQ", "longer"))
+    home, same, longer = (select("experiments", n)[0] for n in ("tiny/vq_k64", "other/same_run", "other/longer"))
+    assert variant_run_key(home, 0) == variant_run_key(same, 0) != variant_run_key(longer, 0)
+    assert variant_run_key(home, 0) != variant_run_key(home, 1)  # the seed is part of the run
+    assert [len(r.variants) for r in planned_runs([home, same, longer])] == [2, 1]
+
+    assert run_variant(home, 0, runs_dir="runs", results_dir="results").status == "finished"
+    shared = run_variant(same, 0, runs_dir="runs", results_dir="results")
+    assert (shared.status, shared.summary_path, shared.steps) == ("shared", summary_path("results", home, 0), 3)
+    assert shared.run_dir.as_posix() == "runs/tiny/vq_k64_seed0"
+    assert not (tiny_suite / "runs" / "other").exists() and not (tiny_suite / "results" / "other").exists()
+    with pytest.raises(ValueError, match="fvq repro run tiny/vq_k64 --seed 0 --force"):
+        run_variant(same, 0, runs_dir="runs", results_dir="results", force=True)
+
+    # list and the page count the shared run once and say where it is filed
+    assert main(["repro", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "1/1 (seeds 0) shared with tiny/vq_k64" in listing
+    assert "2 distinct runs (3 named" in listing and "1 with results" in listing
+    assert main(["repro", "summarize"]) == 0
+    page = (tiny_suite / "docs" / "results.md").read_text()
+    assert "1 of 2 runs have results" in page
+    assert "| same run | 64 | 16 | 1 / 1 † |" in page and "same run: `tiny/vq_k64`" in page
+    assert "| tiny VQ | 64 | 16 | 1 / 1 |" in page and "| longer | 64 | 16 | 0 / 1 | not yet run |" in page

@@ -9,7 +9,8 @@ from fvq.repro.summarize import NOT_RUN, experiment_table, render_results, varia
 
 def _summary(usage: float, psnr: float, seed: int, restarted: int | None = None) -> dict:
     metrics = {"usage": usage, "perplexity": 10.0, "dead_codes": 3, "restarted_codes": restarted, "psnr": psnr}
-    return {"seed": seed, "metrics": {**metrics, "lpips": 0.2}, "time": {"wall_s": 120.0}}
+    run = {"experiment": "tiny", "variant": "vq_k64", "seed": seed}
+    return {**run, "metrics": {**metrics, "lpips": 0.2}, "time": {"wall_s": 120.0}}
 
 
 def test_table_gives_seed_means_with_ranges_and_marks_missing_runs(tiny_suite):
