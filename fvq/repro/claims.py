@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# run means: variant name -> metric name -> mean over finished seeds
+# run means: variant name -> metric name -> mean over finished seeds; "<metric>_min" / "<metric>_max" hold the range
+# over those seeds where the summaries give it
 Means = dict[str, dict[str, float]]
 
 
@@ -36,17 +37,47 @@ class Claim:
     needs: tuple[str, ...] = ()
 
 
-def _compare(
-    means: Means, better: str, worse: str, metric: str, margin: float = 0.0, higher: bool = True
-) -> tuple[bool, str]:
-    a, b = means[better][metric], means[worse][metric]
-    ok = a > b + margin if higher else a < b - margin
-    return ok, f"{metric} {better} {a:.4g} vs {worse} {b:.4g}"
+@dataclass(frozen=True)
+class Check:
+    """One comparison of a verdict.
+
+    Attributes:
+        ok: The means compare as the claim says.
+        every_seed: Every seed of one side is beyond every seed of the other (the seed ranges do not overlap); taken
+            as the means' comparison where no range is recorded.
+        text: The figures compared.
+    """
+
+    ok: bool
+    every_seed: bool
+    text: str
 
 
-def _all(checks: list[tuple[bool, str]]) -> tuple[str, str]:
-    holds = all(ok for ok, _ in checks)
-    return ("holds" if holds else "does not hold"), "; ".join(text for _, text in checks)
+def _compare(means: Means, better: str, worse: str, metric: str, margin: float = 0.0, higher: bool = True) -> Check:
+    a, b = means[better], means[worse]
+    sign = 1.0 if higher else -1.0
+    ok = sign * (a[metric] - b[metric]) > margin
+    # the worst seed of the better side against the best seed of the worse side
+    a_worst = a.get(f"{metric}_{'min' if higher else 'max'}", a[metric])
+    b_best = b.get(f"{metric}_{'max' if higher else 'min'}", b[metric])
+    every_seed = ok and sign * (a_worst - b_best) > margin
+    text = f"{metric} {better} {a[metric]:.4g} vs {worse} {b[metric]:.4g}"
+    if ok and not every_seed:
+        ranges = [f"{x.get(f'{metric}_min', x[metric]):.4g}-{x.get(f'{metric}_max', x[metric]):.4g}" for x in (a, b)]
+        text += f" (not in every seed: {ranges[0]} vs {ranges[1]})"
+    return Check(ok, every_seed, text)
+
+
+def _all(checks: list[Check]) -> tuple[str, str]:
+    """``holds`` when every comparison holds in every seed, ``holds on average`` when every one holds for the means
+    but some seed ranges overlap, else ``does not hold``."""
+    if not all(c.ok for c in checks):
+        word = "does not hold"
+    elif all(c.every_seed for c in checks):
+        word = "holds"
+    else:
+        word = "holds on average"
+    return word, "; ".join(c.text for c in checks)
 
 
 def _fig3(means: Means) -> tuple[str, str]:

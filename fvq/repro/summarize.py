@@ -30,12 +30,14 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def variant_means(runs: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean of each protocol metric over the seeds that ran (``None`` values, e.g. no restarts, left out)."""
+    """Mean of each protocol metric over the seeds that ran, and its range as ``<metric>_min`` / ``<metric>_max``
+    (``None`` values, e.g. no restarts, left out)."""
     means = {}
     for key in MEAN_METRICS:
-        value = _mean([r["metrics"].get(key) for r in runs])
-        if value is not None:
-            means[key] = value
+        values = [v for v in (r["metrics"].get(key) for r in runs) if v is not None]
+        if values:
+            means[key] = float(np.mean(values))
+            means[f"{key}_min"], means[f"{key}_max"] = float(min(values)), float(max(values))
     return means
 
 
@@ -266,7 +268,10 @@ def render_results(
         "64 tokens per code (the runner refuses a smaller set before training), the curve of usage against the "
         "number of held-out tokens counted, perplexity, dead codes, codes overwritten by dead-code restarts "
         "(restarts keep usage high by construction), PSNR (8-bit RGB) and LPIPS (AlexNet, the paper's) on the first "
-        "1,024 held-out crops, wall and CPU time. Figures are means over the seeds that ran, with (min-max).",
+        "1,024 held-out crops, wall and CPU time. Figures are means over the seeds that ran, with (min-max). A "
+        "verdict compares means: *holds* when every seed of the leading side is also beyond every seed of the other, "
+        "*holds on average* when the means agree with the claim but the seeds' ranges overlap, *does not hold* "
+        "otherwise.",
         "",
         f"**Progress.** {done} of {planned} runs have results; the suite is {_budget_line(all_variants)}.",
         "",
