@@ -1,7 +1,8 @@
 """k-means in fp32 with bounded memory, for data-dependent codebook initialisation.
 
-Seeding: k-means++ (Arthur & Vassilvitskii, 2007, "k-means++: The Advantages of Careful Seeding") or uniform random
-samples; then Lloyd iterations (Lloyd, 1982) whose assignment step is the chunked exact search
+Seeding: k-means++ (Arthur & Vassilvitskii, 2007, "k-means++: The Advantages of Careful Seeding"; drawn in at
+most 256 rounds as k-means|| does, so that large codebooks seed in about the time of one Lloyd step) or uniform
+random samples; then Lloyd iterations (Lloyd, 1982) whose assignment step is the chunked exact search
 :func:`fvq.quantizers.search.nearest_codes`, so ``N x K`` distances are never held at once.
 
 k-means minimises the same squared-distance objective that VQ uses for assignment, which is why seeding a codebook
@@ -53,34 +54,79 @@ def squared_distance_to_nearest(
     return indices, sq
 
 
-def kmeans_plus_plus_seeding(samples: Tensor, num_clusters: int, generator: torch.Generator | None = None) -> Tensor:
-    """k-means++ seeding: each new centre is a sample drawn with probability proportional to ``D(x)^2``.
+SEEDING_ROUNDS = 256  # k-means++ draws its centres in at most this many rounds
 
-    Costs ``O(N K D)`` in ``K`` sequential steps of ``O(N D)`` each and ``O(N)`` extra memory.
+
+def kmeans_plus_plus_seeding(
+    samples: Tensor,
+    num_clusters: int,
+    generator: torch.Generator | None = None,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+) -> Tensor:
+    """k-means++ seeding: new centres are samples drawn with probability proportional to ``D(x)^2``, the squared
+    distance to the nearest centre chosen so far.
+
+    The centres are drawn in rounds of ``m = ceil(K / 256)``, after each of which ``D(x)^2`` is updated against the
+    round's centres by the exact search: up to K = 256 one centre per round, the original algorithm; beyond, each
+    round draws ``2 m`` candidates with probability proportional to ``D(x)^2`` and keeps ``m`` of them by k-means++
+    among the candidates (the oversampling of k-means||, Bahmani et al., 2012), with 256 sequential rounds instead of
+    K. In all it costs ``O(N K D)``, one Lloyd assignment step, at the search's speed (one centre per
+    round at K = 65,536 would be 65,536 memory-bound passes over the samples). When fewer samples than a round
+    needs are away from every centre (duplicates), the rest are drawn uniformly among the samples not yet chosen.
 
     Args:
         samples: ``(N, D)`` fp32, ``N >= num_clusters``.
         num_clusters: K.
         generator: Random generator (on the samples' device) for reproducible seeding.
+        max_chunk_bytes: Memory bound of one distance block of the search.
 
     Returns:
-        ``(K, D)`` initial centres (rows of ``samples``).
+        ``(K, D)`` initial centres (distinct rows of ``samples``).
     """
     n = samples.shape[0]
-    first = torch.randint(n, (1,), generator=generator, device=samples.device)
-    chosen = torch.empty(num_clusters, dtype=torch.long, device=samples.device)
-    chosen[0] = first[0]
+    per_round = -(-num_clusters // SEEDING_ROUNDS)
+    first = torch.randint(n, (1,), generator=generator, device=samples.device)  # (1,)
+    chosen = [first]
+    taken = torch.zeros(n, dtype=torch.bool, device=samples.device)  # (N,)
+    taken[first] = True
     best = (samples - samples[first]).square().sum(dim=1)  # (N,) squared distance to the nearest chosen centre
-    for k in range(1, num_clusters):
-        total = best.sum()
-        if total <= 0:  # every sample coincides with a chosen centre: fall back to uniform draws
-            weights = torch.ones_like(best)
+    count = 1
+    while count < num_clusters:
+        want = min(per_round, num_clusters - count)
+        away = int((best > 0).sum())  # samples not on a chosen centre
+        if want == 1 and away > 0:
+            new = torch.multinomial(best, 1, generator=generator)  # (1,)
+        elif away > 0:
+            new = _spread_draw(samples, best, want, min(2 * want, away), generator)  # (m,)
         else:
-            weights = best
-        nxt = torch.multinomial(weights, 1, generator=generator)  # (1,)
-        chosen[k] = nxt[0]
-        best = torch.minimum(best, (samples - samples[nxt]).square().sum(dim=1))
-    return samples.index_select(0, chosen).clone()
+            new = torch.multinomial((~taken).float(), want, replacement=False, generator=generator)  # (m,)
+        chosen.append(new)
+        taken[new] = True
+        count += new.numel()
+        _, sq = squared_distance_to_nearest(samples, samples.index_select(0, new), max_chunk_bytes)  # (N,)
+        best = torch.minimum(best, sq)
+        best[new] = 0.0  # exactly on their own centre, whatever the search's rounding
+    return samples.index_select(0, torch.cat(chosen)).clone()
+
+
+def _spread_draw(
+    samples: Tensor, best: Tensor, want: int, oversample: int, generator: torch.Generator | None
+) -> Tensor:
+    """One round's centres: ``oversample`` candidates drawn without replacement with probability proportional to
+    ``best`` (``D(x)^2``), then ``want`` of them chosen among the candidates by k-means++ itself (candidates close to
+    one already chosen this round lose their weight), so that a round does not seed one cluster twice."""
+    cand = torch.multinomial(best, oversample, replacement=False, generator=generator)  # (C,)
+    points = samples.index_select(0, cand)  # (C, D)
+    weights = best.index_select(0, cand).clone()  # (C,)
+    picked = []
+    for _ in range(want):
+        if not bool((weights > 0).any()):
+            break
+        j = torch.multinomial(weights, 1, generator=generator)  # (1,)
+        picked.append(j)
+        weights = torch.minimum(weights, (points - points[j]).square().sum(dim=1))
+        weights[j] = 0.0
+    return cand[torch.cat(picked)]
 
 
 def kmeans(
@@ -124,7 +170,7 @@ def kmeans(
     with torch.no_grad(), torch.autocast(device_type=samples.device.type, enabled=False):
         x = samples.detach().float()  # (N, D)
         if seeding == "kmeans++":
-            centroids = kmeans_plus_plus_seeding(x, num_clusters, generator)  # (K, D)
+            centroids = kmeans_plus_plus_seeding(x, num_clusters, generator, max_chunk_bytes)  # (K, D)
         else:
             perm = torch.randperm(x.shape[0], generator=generator, device=x.device)[:num_clusters]
             centroids = x.index_select(0, perm).clone()  # (K, D)

@@ -10,7 +10,7 @@ from fvq.quantizers.codebook_dynamics import (
     flush_subnormals_,
     laplace_smoothed_counts,
 )
-from fvq.quantizers.kmeans import kmeans
+from fvq.quantizers.kmeans import kmeans, kmeans_plus_plus_seeding
 
 
 def _hand_example():
@@ -137,6 +137,25 @@ def test_kmeans_function_counts_and_inertia():
         kmeans(z[:2], 3)
     with pytest.raises(ValueError, match="seeding"):
         kmeans(z, 3, seeding="farthest")
+
+
+@pytest.mark.parametrize("clusters", [64, 1024])  # one centre per round (exact k-means++), then 4 of 8 candidates
+def test_kmeans_plus_plus_seeding_takes_one_sample_of_every_tight_cluster(clusters):
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(clusters, 16, generator=gen) * 10.0
+    samples = (centers[:, None] + 0.01 * torch.randn(clusters, 4, 16, generator=gen)).reshape(-1, 16)  # 4 per cluster
+    seeds = kmeans_plus_plus_seeding(samples, clusters, torch.Generator().manual_seed(1))
+    # every seed is a sample, and D^2 sampling leaves no cluster unseeded: the others are ~10^6 times farther
+    assert (seeds[:, None] == samples[None]).all(dim=2).any(dim=1).all()
+    assert torch.cdist(seeds, centers).argmin(dim=1).unique().numel() == clusters
+    again = kmeans_plus_plus_seeding(samples, clusters, torch.Generator().manual_seed(1))
+    assert torch.equal(seeds, again)
+
+
+def test_kmeans_plus_plus_seeding_of_duplicates_draws_distinct_samples():
+    samples = torch.randn(5, 8).repeat(20, 1)  # 100 samples, 5 distinct values
+    seeds = kmeans_plus_plus_seeding(samples, 40, torch.Generator().manual_seed(0))
+    assert seeds.shape == (40, 8) and torch.unique(seeds, dim=0).shape[0] == 5
 
 
 @pytest.mark.parametrize("strategy", ["random", "highest_error", "split"])
