@@ -20,10 +20,20 @@ def test_measure_search_agrees_with_brute_force():
     assert len(result["paired_ratios"]) == 3 and all(r > 0 for r in result["paired_ratios"])
     assert result["paired_ratio"] == sorted(result["paired_ratios"])[1]
     assert max(result["paired_ratios"]) >= result["ratio"] * (1 - 1e-9)
+    assert len(result["sustained_ratios"]) == 3 and result["sustained_ratio"] == sorted(result["sustained_ratios"])[1]
     assert result["kernel"] in ("avx2", "blocked") and result["kernel_reason"]
     assert result["wrong"] == 0
     assert result["peak_mib"] >= 0
     assert "coarse_seconds" not in result  # only when asked
+
+
+def test_sustained_sgemm_counts_every_call_of_the_stretch(monkeypatch):
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(search_benchmark, "best_time", lambda fn, repeats, device: (fn(), 0.01)[1])  # one call: 10 ms
+    monkeypatch.setattr(search_benchmark.torch, "mm", lambda *a, **k: (calls.append(1), real_mm(*a, **k))[1])
+    rate = search_benchmark.sustained_sgemm_gflops(torch.device("cpu"), 0.05, size=64)
+    assert len(calls) == 1 + 5 and rate > 0  # the call that measured one, then 0.05 s / 10 ms back to back
 
 
 def test_measure_search_reports_the_coarse_search(monkeypatch):
