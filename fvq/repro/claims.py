@@ -62,7 +62,9 @@ def _compare(means: Means, better: str, worse: str, metric: str, margin: float =
     b_best = b.get(f"{metric}_{'max' if higher else 'min'}", b[metric])
     every_seed = ok and sign * (a_worst - b_best) > margin
     text = f"{metric} {better} {a[metric]:.4g} vs {worse} {b[metric]:.4g}"
-    if ok and not every_seed:
+    if not ok:
+        text += " (against the claim)"
+    elif not every_seed:
         ranges = [f"{x.get(f'{metric}_min', x[metric]):.4g}-{x.get(f'{metric}_max', x[metric]):.4g}" for x in (a, b)]
         text += f" (not in every seed: {ranges[0]} vs {ranges[1]})"
     return Check(ok, every_seed, text)
