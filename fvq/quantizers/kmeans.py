@@ -84,6 +84,8 @@ def kmeans_plus_plus_seeding(
         ``(K, D)`` initial centres (distinct rows of ``samples``).
     """
     n = samples.shape[0]
+    if not 1 <= num_clusters <= n:
+        raise ValueError(f"k-means++ seeding needs 1 <= num_clusters <= samples ({n}), got {num_clusters}")
     per_round = -(-num_clusters // SEEDING_ROUNDS)
     first = torch.randint(n, (1,), generator=generator, device=samples.device)  # (1,)
     chosen = [first]

@@ -156,6 +156,8 @@ def test_kmeans_plus_plus_seeding_of_duplicates_draws_distinct_samples():
     samples = torch.randn(5, 8).repeat(20, 1)  # 100 samples, 5 distinct values
     seeds = kmeans_plus_plus_seeding(samples, 40, torch.Generator().manual_seed(0))
     assert seeds.shape == (40, 8) and torch.unique(seeds, dim=0).shape[0] == 5
+    with pytest.raises(ValueError, match="num_clusters <= samples"):
+        kmeans_plus_plus_seeding(samples, 101)
 
 
 @pytest.mark.parametrize("strategy", ["random", "highest_error", "split"])
