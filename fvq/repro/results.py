@@ -30,6 +30,11 @@ def run_config(
     return variant.config(seed, extra)
 
 
+def summary_path(results_dir: str | Path, variant: Variant, seed: int) -> Path:
+    """Where ``variant`` at ``seed`` files its own summary: ``results/<experiment>/<variant>_seed<S>.json``."""
+    return Path(results_dir) / variant.experiment / f"{variant.run_name(seed)}.json"
+
+
 def run_key(config: dict[str, Any], protocol: dict[str, Any]) -> str:
     """Digest of a run's config (plain data, :meth:`TrainConfig.to_dict`) and protocol (:meth:`Protocol.as_dict`)."""
     text = json.dumps({"config": config, "protocol": protocol}, sort_keys=True, separators=(",", ":"))
@@ -76,14 +81,10 @@ class ResultIndex:
                 self.by_path[path] = result
                 self.by_key.setdefault(summary_key(summary), result)
 
-    def filed_path(self, variant: Variant, seed: int) -> Path:
-        """Where ``variant`` at ``seed`` files its own summary."""
-        return self.root / variant.experiment / f"{variant.run_name(seed)}.json"
-
     def find(self, variant: Variant, seed: int, key: str | None = None) -> Result | None:
         """The run's result: its own summary, else one filed elsewhere with the same key (``key`` defaults to the
         variant's at ``seed``)."""
-        own = self.by_path.get(self.filed_path(variant, seed))
+        own = self.by_path.get(summary_path(self.root, variant, seed))
         if own is not None:
             return own
         return self.by_key.get(key if key is not None else variant_run_key(variant, seed))

@@ -30,7 +30,7 @@ from fvq.repro.protocol import (
     restarted_codes,
     tokens_per_image,
 )
-from fvq.repro.results import ResultIndex, run_config, run_key
+from fvq.repro.results import ResultIndex, run_config, run_key, summary_path
 from fvq.runs import RunFolder, read_checkpoint_entry
 from fvq.weights import atomic_write_bytes
 
@@ -57,10 +57,6 @@ class RunOutcome:
     summary_path: Path | None
     steps: int
     total_steps: int
-
-
-def summary_path(results_dir: str | Path, variant: Variant, seed: int) -> Path:
-    return Path(results_dir) / variant.experiment / f"{variant.run_name(seed)}.json"
 
 
 def command_line(variant: Variant, seed: int, overrides: list[str] | None = None) -> str:
