@@ -57,7 +57,7 @@ def _list(args: argparse.Namespace) -> int:
             )
     runs = planned_runs(every)
     named = sum(len(v.seeds) for v in every)
-    done = sum(index.by_key.get(r.key) is not None for r in runs)
+    done = index.finished(runs)
     hours = suite_budget(every)
     print(
         f"total: {len(suite)} experiments, {len(every)} variants, {len(runs)} distinct runs ({named} named: "

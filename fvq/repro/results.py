@@ -89,6 +89,10 @@ class ResultIndex:
             return own
         return self.by_key.get(key if key is not None else variant_run_key(variant, seed))
 
+    def finished(self, runs: Iterable[PlannedRun]) -> int:
+        """How many of the distinct ``runs`` have a result."""
+        return sum(self.find(r.home, r.seed, r.key) is not None for r in runs)
+
     def runs_of(self, variant: Variant) -> list[Result]:
         """The variant's results, seeds in order: every summary filed under it (seeds run by hand included) and,
         for its planned seeds without one, a summary with the same key filed elsewhere."""

@@ -24,11 +24,6 @@ _PALETTE = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#
 MEAN_METRICS = ("usage", "perplexity", "dead_codes", "restarted_codes", "psnr", "lpips")
 
 
-def _mean(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return float(np.mean(kept)) if kept else None
-
-
 def variant_means(runs: list[dict[str, Any]]) -> dict[str, float]:
     """Mean of each protocol metric over the seeds that ran, and its range as ``<metric>_min`` / ``<metric>_max``
     (``None`` values, e.g. no restarts, left out)."""
@@ -239,7 +234,7 @@ def render_results(
         written += r.figures
     all_variants = [v for vs in suite.values() for v in vs]
     distinct = planned_runs(all_variants)
-    done = sum(index.find(r.home, r.seed, r.key) is not None for r in distinct)
+    done = index.finished(distinct)
     planned = len(distinct)
 
     md = [
