@@ -220,8 +220,10 @@ class TokenizerTask:
 
 def describe_validation(metrics: dict[str, float]) -> str:
     """The line printed after each validation."""
+    distinct = metrics.get("val/distinct_codes")  # absent for implicit and multi-codebook quantizers
+    codes = "" if distinct is None else f" ({int(distinct)} distinct codes)"
     return (
-        f"held-out usage {metrics['val/usage']:.2%} ({int(metrics.get('val/distinct_codes', -1))} distinct codes), "
+        f"held-out usage {metrics['val/usage']:.2%}{codes}, "
         f"perplexity {metrics['val/perplexity']:.1f}, PSNR {metrics['val/psnr']:.2f} dB"
     )
 

@@ -8,7 +8,7 @@ from fvq.distributed import DistributedContext
 from fvq.quantizers import CodebookUsage
 from fvq.training.config import load_config
 from fvq.training.engine import Engine
-from fvq.training.tokenizer_task import TokenizerTask
+from fvq.training.tokenizer_task import TokenizerTask, describe_validation
 
 OVERRIDES = [
     *TINY_TOKENIZER,
@@ -48,3 +48,10 @@ def test_validation_maps_the_codebook_once_and_counts_as_the_training_forward(tm
     assert metrics["val/tokens"] == report.num_tokens == 20 * 4 * 4
     assert metrics["val/usage"] == report.usage and metrics["val/perplexity"] == report.perplexity
     assert report.usage > 2 / 64  # a histogram worth comparing, not one code
+
+
+def test_validation_line_names_distinct_codes_only_when_the_quantizer_has_one_codebook():
+    metrics = {"val/usage": 0.5, "val/perplexity": 12.0, "val/psnr": 20.0}
+    assert describe_validation(metrics) == "held-out usage 50.00%, perplexity 12.0, PSNR 20.00 dB"
+    line = describe_validation({**metrics, "val/distinct_codes": 4096.0})
+    assert line == "held-out usage 50.00% (4096 distinct codes), perplexity 12.0, PSNR 20.00 dB"
