@@ -46,6 +46,19 @@ def test_baselines_verdict_compares_usage_with_the_classic_recipe_at_16k_and_65k
     assert baselines.verdict(means)[0] == "does not hold"
 
 
+def test_table3_verdict_compares_codebook_sizes_code_widths_and_the_vqgan_recipe():
+    table3 = next(c for c in CLAIMS if c.key == "table3")
+    psnr = {"fvq_k1024_d256": 21, "fvq_k4096_d256": 23, "fvq_k16384_d256": 24, "fvq_k65536_d256": 25}
+    psnr |= {"fvq_k4096_d8": 21.5, "fvq_k4096_d64": 22, "vq_k4096_d256": 20, "vq_k4096_d8_cosine": 22.5}
+    means = {name: {"usage": 0.9, "psnr": float(psnr.get(name, 20.0))} for name in table3.needs}
+    means["vq_k4096_d256"]["usage"] = 0.01
+    word, reason = table3.verdict(means)
+    assert word == "holds" and "psnr fvq_k4096_d64 22 vs fvq_k4096_d8 21.5" in reason
+    means["fvq_k4096_d8"]["psnr"] = 22.5  # 8 channels reconstruct better than 64
+    word, reason = table3.verdict(means)
+    assert word == "does not hold" and "fvq_k4096_d64 22 vs fvq_k4096_d8 22.5 (against the claim)" in reason
+
+
 def test_the_page_says_not_yet_run_without_results(tiny_suite):
     out = tiny_suite / "docs" / "results.md"
     written = render_results(tiny_suite / "experiments", tiny_suite / "results", out, tiny_suite / "figs")
